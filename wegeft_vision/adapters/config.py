@@ -1,0 +1,142 @@
+"""Adapter configurations: which method, which layers, which rank.
+
+A config is a plain, validated dataclass. ``targets`` name timm linear layers by module-name
+suffix (``"attn.proj"`` matches ``blocks.3.attn.proj``) or by a regular expression that must
+match the whole module name; the presets ``"attn"``, ``"mlp"`` and ``"all"`` expand to timm's
+ViT projections.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Sequence, Union
+
+TARGET_PRESETS: dict[str, tuple[str, ...]] = {
+    "attn": ("attn.qkv", "attn.proj"),
+    "mlp": ("mlp.fc1", "mlp.fc2"),
+    "all": ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
+}
+QKV_PARTS: tuple[str, ...] = ("q", "k", "v")
+
+Targets = Union[str, Sequence[str]]
+
+
+def expand_targets(targets: Targets) -> tuple[str, ...]:
+    """Expand presets and de-duplicate, keeping the order given."""
+    items = [targets] if isinstance(targets, str) else list(targets)
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise TypeError(f"targets must be non-empty strings, got {item!r}")
+        for name in TARGET_PRESETS.get(item, (item,)):
+            if name not in out:
+                out.append(name)
+    if not out:
+        raise ValueError("targets is empty: name at least one layer, e.g. 'attn.proj' or 'all'")
+    return tuple(out)
+
+
+def _check_rank(rank: int, alpha: Optional[float]) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int):
+        raise TypeError(f"rank must be an int, got {rank!r}")
+    if rank <= 0:
+        raise ValueError(f"rank must be a positive int, got {rank}")
+    if alpha is not None and alpha <= 0:
+        raise ValueError(f"alpha must be positive or None (no scaling), got {alpha}")
+
+
+def _check_parts(parts: Optional[Sequence[str]]) -> Optional[tuple[str, ...]]:
+    if parts is None:
+        return None
+    parts = (parts,) if isinstance(parts, str) else tuple(parts)
+    unknown = [p for p in parts if p not in QKV_PARTS]
+    if unknown or not parts or len(set(parts)) != len(parts):
+        raise ValueError(f"qkv_parts must be distinct names from {QKV_PARTS}, got {parts!r}")
+    return tuple(p for p in QKV_PARTS if p in parts)
+
+
+@dataclass
+class AdapterConfig:
+    """Base class: what every adapter config can say about itself."""
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **dataclasses.asdict(self)}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "AdapterConfig":
+        data = dict(data)
+        method = data.pop("method", None)
+        for cls in (WeGeFTConfig, LoRAConfig, LinearProbeConfig, FullFinetuneConfig):
+            if cls.method == method:
+                return cls(**data)
+        raise ValueError(f"unknown adapter method {method!r}")
+
+    @property
+    def scale(self) -> float:
+        alpha = getattr(self, "alpha", None)
+        return 1.0 if alpha is None else alpha / self.rank  # type: ignore[attr-defined]
+
+
+@dataclass
+class WeGeFTConfig(AdapterConfig):
+    """WeGeFT: dW = W·phi·psi, applied as y = W(x + phi(psi(x))) + b.
+
+    Args:
+        rank: generator rank r (psi: d_in -> r, phi: r -> d_in).
+        targets: layer suffixes, full-match regexes or presets ("attn", "mlp", "all").
+        shared: one generator per target kind for all blocks (the paper), else one per layer.
+        alpha: None for no scaling (the paper's vision setting); a number scales by alpha/rank.
+        qkv_parts: None treats timm's fused qkv as one layer; e.g. ("q", "v") gives each named
+            part its own generator, fed with its own rows of W, and leaves the others unchanged.
+    """
+
+    method: ClassVar[str] = "wegeft"
+    rank: int = 16
+    targets: Targets = ("attn.proj",)
+    shared: bool = True
+    alpha: Optional[float] = None
+    qkv_parts: Optional[Sequence[str]] = None
+
+    def __post_init__(self) -> None:
+        _check_rank(self.rank, self.alpha)
+        self.targets = expand_targets(self.targets)
+        self.qkv_parts = _check_parts(self.qkv_parts)
+
+
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """LoRA baseline: y = Wx + b + (alpha/r)·B(A(x)), one (A, B) pair per layer.
+
+    Args:
+        rank: r.
+        alpha: None for a scale of 1; a number scales by alpha/rank.
+        targets: as for WeGeFT.
+        qkv_parts: as for WeGeFT: LoRA on e.g. the q and v rows of the fused qkv only.
+    """
+
+    method: ClassVar[str] = "lora"
+    rank: int = 8
+    alpha: Optional[float] = None
+    targets: Targets = ("attn.proj",)
+    qkv_parts: Optional[Sequence[str]] = None
+
+    def __post_init__(self) -> None:
+        _check_rank(self.rank, self.alpha)
+        self.targets = expand_targets(self.targets)
+        self.qkv_parts = _check_parts(self.qkv_parts)
+
+
+@dataclass
+class LinearProbeConfig(AdapterConfig):
+    """Only the classifier head trains."""
+
+    method: ClassVar[str] = "linear_probe"
+
+
+@dataclass
+class FullFinetuneConfig(AdapterConfig):
+    """Every parameter trains."""
+
+    method: ClassVar[str] = "full"

@@ -1,0 +1,326 @@
+"""Put an adapter on a timm ViT, fold it in, take it off, save and load it, count it.
+
+The adapter's own tensors live in one place, the container ``model.adapter``; which parameters
+train, what an adapter file holds and what merging folds in all derive from that container.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import (AdapterConfig, FullFinetuneConfig, LinearProbeConfig, LoRAConfig,
+                     WeGeFTConfig)
+from .layer import AdaptedLinear, Edit
+from .lora import LoRALinear, LoRAPair
+from .wegeft import WeGeFTGenerator, WeGeFTLinear
+
+ADAPTER_ATTR = "adapter"
+FILE_FORMAT = "wegeft_vision.adapter/1"
+
+
+class AdapterContainer(nn.Module):
+    """The adapter's config and its edits, each registered exactly once."""
+
+    def __init__(self, config: AdapterConfig, edits: dict[str, Edit]) -> None:
+        super().__init__()
+        self.config = config
+        self.edits = nn.ModuleDict(edits)
+
+    def extra_repr(self) -> str:
+        return f"config={self.config}"
+
+
+def get_adapter(model: nn.Module) -> Optional[AdapterContainer]:
+    container = getattr(model, ADAPTER_ATTR, None)
+    return container if isinstance(container, AdapterContainer) else None
+
+
+def _require_adapter(model: nn.Module, action: str) -> AdapterContainer:
+    container = get_adapter(model)
+    if container is None:
+        raise ValueError(f"cannot {action}: {type(model).__name__} has no adapter "
+                         "(call apply_adapter first)")
+    return container
+
+
+def _head(model: nn.Module) -> Optional[nn.Module]:
+    get_classifier = getattr(model, "get_classifier", None)
+    return get_classifier() if callable(get_classifier) else None
+
+
+def head_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the classifier head's parameters (timm's ``get_classifier()``)."""
+    head = _head(model)
+    if head is None:
+        return []
+    prefix = next((n for n, m in model.named_modules() if m is head), None)
+    if prefix is None:
+        return []
+    return [f"{prefix}.{n}" if prefix else n for n, _ in head.named_parameters()]
+
+
+def _matches(pattern: str, name: str) -> bool:
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def _kinds(names: list[str]) -> str:
+    """Layer names with block indices collapsed: blocks.N.attn.qkv, ..."""
+    seen = dict.fromkeys(re.sub(r"\.\d+(?=\.|$)", ".N", n) for n in names)
+    return ", ".join(seen)
+
+
+def _key(text: str) -> str:
+    return re.sub(r"\W+", "_", text).strip("_") or "target"
+
+
+def find_target_layers(model: nn.Module, targets: tuple[str, ...]) -> dict[str, list[str]]:
+    """Map each target pattern to the names of the ``nn.Linear`` layers it selects.
+
+    The classifier head is never a target: it trains in full anyway.
+    """
+    head = _head(model)
+    modules = dict(model.named_modules())
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and m is not head]
+    found: dict[str, list[str]] = {}
+    owner: dict[str, str] = {}
+    for pattern in targets:
+        hits = [n for n in modules if n and _matches(pattern, n)]
+        layers = [n for n in hits if n in linears]
+        if not layers:
+            others = [f"{n} ({type(modules[n]).__name__})" for n in hits if modules[n] is not head]
+            if others:
+                raise ValueError(f"target {pattern!r} matches {', '.join(others[:3])}, which is "
+                                 f"not an nn.Linear; linear layers here: {_kinds(linears)}")
+            raise ValueError(f"target {pattern!r} matches no linear layer of "
+                             f"{type(model).__name__}; linear layers here: {_kinds(linears)}")
+        for name in layers:
+            if name in owner:
+                raise ValueError(f"layer {name!r} is matched by both targets {owner[name]!r} "
+                                 f"and {pattern!r}")
+            owner[name] = pattern
+        found[pattern] = layers
+    return found
+
+
+def _is_fused_qkv(name: str, layer: nn.Linear) -> bool:
+    return name.rsplit(".", 1)[-1] == "qkv" and layer.out_features == 3 * layer.in_features
+
+
+def _build_edits(model: nn.Module, config: Union[WeGeFTConfig, LoRAConfig]
+                 ) -> tuple[dict[str, Edit], dict[str, dict[Optional[str], Edit]]]:
+    """Create the edits and say which layer gets which; returns (edits by key, per layer)."""
+    modules = dict(model.named_modules())
+    targets = find_target_layers(model, config.targets)
+    parts = config.qkv_parts
+    if parts is not None and not any(_is_fused_qkv(n, modules[n])
+                                      for names in targets.values() for n in names):
+        raise ValueError(f"qkv_parts={parts} given, but none of the targeted layers "
+                         f"({_kinds([n for v in targets.values() for n in v])}) is a fused qkv "
+                         "layer (an nn.Linear named 'qkv' with out_features = 3 x in_features)")
+    shared = isinstance(config, WeGeFTConfig) and config.shared
+    edits: dict[str, Edit] = {}
+    per_layer: dict[str, dict[Optional[str], Edit]] = {}
+    for pattern, names in targets.items():
+        first = modules[names[0]]
+        for name in names:
+            layer = modules[name]
+            if config.rank > layer.in_features:
+                raise ValueError(f"rank {config.rank} exceeds the input size {layer.in_features} "
+                                 f"of layer {name!r}")
+            if shared and layer.in_features != first.in_features:
+                raise ValueError(f"target {pattern!r} shares one generator, but {names[0]!r} has "
+                                 f"d_in={first.in_features} and {name!r} has "
+                                 f"d_in={layer.in_features}; use separate targets or shared=False")
+            layer_parts = parts if parts is not None and _is_fused_qkv(name, layer) else (None,)
+            per_layer[name] = {}
+            for part in layer_parts:
+                suffix = "" if part is None else f"_{part}"
+                key = _key(pattern if shared else name) + suffix
+                if key not in edits:
+                    if isinstance(config, WeGeFTConfig):
+                        edits[key] = WeGeFTGenerator(layer.in_features, config.rank, config.scale)
+                    else:
+                        out = layer.out_features // (1 if part is None else 3)
+                        edits[key] = LoRAPair(layer.in_features, out, config.rank, config.scale)
+                    edits[key].to(device=layer.weight.device)
+                per_layer[name][part] = edits[key]
+    return edits, per_layer
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    """The parameters an adapter trains, derived from the container and the config."""
+    container = _require_adapter(model, "list trainable parameters")
+    if isinstance(container.config, FullFinetuneConfig):
+        return [n for n, _ in model.named_parameters()]
+    prefix = ADAPTER_ATTR + "."
+    names = [prefix + n for n, _ in container.named_parameters()]
+    return names + head_parameter_names(model)
+
+
+def apply_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Adapt ``model`` in place: freeze the backbone, attach the adapter, keep the head trainable.
+
+    Adapted layers stay at their module paths (``blocks.3.attn.qkv``) and keep the original
+    layer as ``base_layer``.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be an adapter config (e.g. WeGeFTConfig), got "
+                        f"{type(config).__name__}")
+    existing = get_adapter(model)
+    if existing is not None:
+        raise ValueError(f"{type(model).__name__} already has an adapter ({existing.config}); "
+                         "merge_adapter or remove_adapter it first")
+    if hasattr(model, ADAPTER_ATTR):
+        raise ValueError(f"{type(model).__name__} already has an attribute {ADAPTER_ATTR!r}")
+    edits: dict[str, Edit] = {}
+    if isinstance(config, (WeGeFTConfig, LoRAConfig)):
+        edits, per_layer = _build_edits(model, config)
+        layer_cls = WeGeFTLinear if isinstance(config, WeGeFTConfig) else LoRALinear
+        for name, layer_edits in per_layer.items():
+            _set_module(model, name, layer_cls(model.get_submodule(name), layer_edits))
+    elif not isinstance(config, (LinearProbeConfig, FullFinetuneConfig)):
+        raise TypeError(f"unsupported adapter config {type(config).__name__}")
+    setattr(model, ADAPTER_ATTR, AdapterContainer(config, edits))
+    trainable = set(trainable_parameter_names(model))
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+    return model
+
+
+def _unadapt(model: nn.Module, merge: bool) -> nn.Module:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AdaptedLinear):
+            try:
+                replacement = module.merged_linear() if merge else module.base_layer
+            except ValueError as err:
+                raise ValueError(f"layer {name!r}: {err}") from None
+            _set_module(model, name, replacement)
+    delattr(model, ADAPTER_ATTR)
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Fold the adapter into the weights (W <- W(I + phi·psi) for WeGeFT, in float64).
+
+    Leaves plain ``nn.Linear`` layers, so the state dict has exactly the plain timm model's keys.
+    All parameters are trainable again afterwards, as in a freshly created model.
+    """
+    _require_adapter(model, "merge")
+    return _unadapt(model, merge=True)
+
+
+def remove_adapter(model: nn.Module) -> nn.Module:
+    """Take the adapter off and restore the original layers, unchanged (the head keeps training)."""
+    _require_adapter(model, "remove the adapter")
+    return _unadapt(model, merge=False)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors only (edits and head), detached."""
+    params = dict(model.named_parameters())
+    return {n: params[n].detach() for n in trainable_parameter_names(model)}
+
+
+def save_adapter(model: nn.Module, path: Union[str, Path]) -> Path:
+    """Write the trainable tensors and the config to a safetensors file."""
+    container = _require_adapter(model, "save an adapter")
+    path = Path(path)
+    tensors = {n: t.contiguous().cpu() for n, t in adapter_state_dict(model).items()}
+    metadata = {"format": FILE_FORMAT, "config": json.dumps(container.config.to_dict()),
+                "model_class": type(model).__name__}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def read_adapter_file(path: Union[str, Path]) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of an adapter file, checked to be one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != FILE_FORMAT:
+            raise ValueError(f"{path} is not a wegeft_vision adapter file "
+                             f"(format {metadata.get('format')!r})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return AdapterConfig.from_dict(json.loads(metadata["config"])), tensors
+
+
+def load_adapter(model: nn.Module, path: Union[str, Path]) -> nn.Module:
+    """Load an adapter file into ``model``, applying the file's config first if it has none."""
+    config, tensors = read_adapter_file(path)
+    container = get_adapter(model)
+    if container is None:
+        apply_adapter(model, config)
+    elif container.config != config:
+        raise ValueError(f"{path} holds an adapter with {config}, but the model has "
+                         f"{container.config}")
+    params = dict(model.named_parameters())
+    expected = set(trainable_parameter_names(model))
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    for name, tensor in tensors.items():
+        if params[name].shape != tensor.shape:
+            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the model "
+                             f"expects {tuple(params[name].shape)} (different backbone or "
+                             "number of classes?)")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
+    return model
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Trainable parameters (adapter, head) and totals, as papers report them."""
+
+    trainable: int
+    head: int
+    backbone: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        """Trainable parameters excluding the head, in % of the pretrained backbone."""
+        return 100.0 * self.trainable / max(self.backbone, 1)
+
+    def __str__(self) -> str:
+        return (f"trainable {self.trainable:,} ({self.percent:.3f}%) + head {self.head:,} "
+                f"| total {self.total / 1e6:.1f}M")
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    """Count parameters; the backbone is everything but the head and the adapter's edits."""
+    head_names = set(head_parameter_names(model))
+    params = dict(model.named_parameters())
+    edit_names = {n for n in params if n.startswith(ADAPTER_ATTR + ".")}
+    trainable = sum(p.numel() for n, p in params.items() if p.requires_grad and n not in head_names)
+    head = sum(params[n].numel() for n in head_names if params[n].requires_grad)
+    backbone = sum(p.numel() for n, p in params.items()
+                   if n not in head_names and n not in edit_names)
+    return ParameterCount(trainable=trainable, head=head, backbone=backbone,
+                          total=sum(p.numel() for p in params.values()))

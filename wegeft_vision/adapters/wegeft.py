@@ -1,0 +1,55 @@
+"""WeGeFT: the fine-tuning residual is generated from the pretrained weight, dW = W·phi·psi.
+
+The layer computes the representation form y = W(x + phi(psi(x))) + b, a low-rank edit of the
+layer's input, so training never builds dW; merging folds it into W' = W(I + phi·psi).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import QKV_PARTS
+from .layer import AdaptedLinear, Edit
+
+
+class WeGeFTGenerator(Edit):
+    """The generator (phi, psi): x -> scale·phi(psi(x)), with psi: d_in -> r, phi: r -> d_in.
+
+    phi starts at zero (as in the authors' vision code), so the model starts at its pretrained
+    output; psi keeps PyTorch's default kaiming-uniform initialisation.
+    """
+
+    def __init__(self, in_features: int, rank: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.scale = scale
+        self.psi = nn.Linear(in_features, rank, bias=False)
+        self.phi = nn.Linear(rank, in_features, bias=False)
+        nn.init.zeros_(self.phi.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.phi(self.psi(x))
+        return out if self.scale == 1.0 else out * self.scale
+
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        # (W·phi)·psi keeps the product d_out x r x d_in instead of building a d_in x d_in matrix.
+        phi = self.phi.weight.to(weight.dtype)
+        psi = self.psi.weight.to(weight.dtype)
+        return (weight @ phi) @ psi * self.scale
+
+
+class WeGeFTLinear(AdaptedLinear):
+    """y = W(x + phi(psi(x))) + b, per q/k/v part when the edits are keyed by part."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.base_layer.weight, self.base_layer.bias
+        whole = self.edits.get(None)
+        if whole is not None:
+            return F.linear(x + whole(x), weight, bias)
+        outputs = []
+        for part in QKV_PARTS:
+            rows = self.part_rows(part)
+            edit = self.edits.get(part)
+            part_input = x if edit is None else x + edit(x)
+            outputs.append(F.linear(part_input, weight[rows], None if bias is None else bias[rows]))
+        return torch.cat(outputs, dim=-1)
