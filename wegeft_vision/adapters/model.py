@@ -155,7 +155,7 @@ def _build_edits(model: nn.Module, config: Union[WeGeFTConfig, LoRAConfig]
                     else:
                         out = layer.out_features // (1 if part is None else 3)
                         edits[key] = LoRAPair(layer.in_features, out, config.rank, config.scale)
-                    edits[key].to(device=layer.weight.device)
+                    edits[key].to(device=layer.weight.device, dtype=layer.weight.dtype)
                 per_layer[name][part] = edits[key]
     return edits, per_layer
 
@@ -278,12 +278,14 @@ def load_adapter(model: nn.Module, path: Union[str, Path]) -> nn.Module:
         raise ValueError(f"{path} holds an adapter with {config}, but the model has "
                          f"{container.config}")
     params = dict(model.named_parameters())
-    expected = set(trainable_parameter_names(model))
-    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    expected = trainable_parameter_names(model)
+    missing = [n for n in expected if n not in tensors]
+    unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]}")
-    for name, tensor in tensors.items():
+    for name in expected:
+        tensor = tensors[name]
         if params[name].shape != tensor.shape:
             raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the model "
                              f"expects {tuple(params[name].shape)} (different backbone or "

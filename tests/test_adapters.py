@@ -1,0 +1,370 @@
+"""The adaptation core on tiny timm ViT-family models: counts, identity start, merge, save/load."""
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from wegeft_vision import (FullFinetuneConfig, LinearProbeConfig, LoRAConfig, WeGeFTConfig,
+                           apply_adapter, count_parameters, load_adapter, merge_adapter,
+                           remove_adapter, save_adapter)
+from wegeft_vision.adapters import (AdaptedLinear, WeGeFTGenerator, get_adapter,
+                                    trainable_parameter_names)
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=7)
+ARCHS = {
+    "vit": ("vit_base_patch16_224", {}),
+    "deit": ("deit_tiny_patch16_224", {}),
+    "dinov2": ("vit_small_patch14_dinov2", {"init_values": 0.5}),
+    "clip": ("vit_base_patch16_clip_224", {}),
+    "siglip": ("vit_base_patch16_siglip_224", {}),
+}
+
+
+def tiny_vit(arch: str = "vit", dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    name, extra = ARCHS[arch]
+    model = timm.create_model(name, pretrained=False, **TINY, **extra)
+    return model.to(dtype).eval()
+
+
+def randomize_edits(model: nn.Module, seed: int = 1, std: float = 0.1) -> None:
+    """Give every adapter tensor random non-zero values (training would)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in get_adapter(model).parameters():
+            param.copy_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * std)
+
+
+def images(n: int = 4, dtype: torch.dtype = torch.float32, seed: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.fixture(scope="module")
+def vit_b16() -> nn.Module:
+    return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
+
+
+# ---------------------------------------------------------------- parameter counts
+
+@pytest.mark.parametrize("config, expected", [
+    (WeGeFTConfig(rank=16, targets="attn.proj"), 2 * 768 * 16),
+    (LoRAConfig(rank=8, targets="attn.proj"), 12 * (768 * 8 + 8 * 768)),
+    (WeGeFTConfig(rank=8, targets="attn.qkv", qkv_parts=("q", "v")), 2 * (2 * 768 * 8)),
+    (WeGeFTConfig(rank=16, targets="attn.proj", shared=False), 12 * 2 * 768 * 16),
+    (WeGeFTConfig(rank=4, targets="all"), 2 * 4 * (768 + 768 + 768 + 3072)),
+    (WeGeFTConfig(rank=4, targets="all", shared=False), 12 * 2 * 4 * (768 + 768 + 768 + 3072)),
+    (LoRAConfig(rank=8, targets="attn.qkv", qkv_parts=("q", "v")), 12 * 2 * (768 * 8 + 8 * 768)),
+    (LinearProbeConfig(), 0),
+])
+def test_parameter_counts_match_formulas(vit_b16, config, expected):
+    model = apply_adapter(copy.deepcopy(vit_b16), config)
+    counts = count_parameters(model)
+    assert counts.trainable == expected
+    assert counts.head == 768 * 100 + 100
+    assert counts.backbone == sum(p.numel() for n, p in vit_b16.named_parameters()
+                                  if not n.startswith("head."))
+    assert counts.total == counts.backbone + counts.head + expected
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == expected + counts.head
+
+
+def test_paper_setting_summary_line(vit_b16):
+    model = apply_adapter(copy.deepcopy(vit_b16), WeGeFTConfig())
+    assert str(count_parameters(model)) == "trainable 24,576 (0.029%) + head 76,900 | total 85.9M"
+
+
+def test_full_finetune_trains_everything():
+    model = apply_adapter(tiny_vit(), FullFinetuneConfig())
+    assert all(p.requires_grad for p in model.parameters())
+    assert count_parameters(model).percent == pytest.approx(100.0)
+
+
+def test_shared_generator_is_one_set_of_parameters():
+    model = apply_adapter(tiny_vit(), WeGeFTConfig(rank=4, targets="attn.proj"))
+    gens = {id(m.edits[None]) for m in model.modules() if isinstance(m, AdaptedLinear)}
+    assert len(gens) == 1
+    names = [n for n, _ in model.named_parameters() if "psi" in n or "phi" in n]
+    assert names == ["adapter.edits.attn_proj.psi.weight", "adapter.edits.attn_proj.phi.weight"]
+
+
+# ---------------------------------------------------------------- forward behaviour
+
+ALL_CONFIGS = [
+    WeGeFTConfig(rank=4, targets="attn.proj"),
+    WeGeFTConfig(rank=4, targets="attn"),
+    WeGeFTConfig(rank=4, targets="mlp"),
+    WeGeFTConfig(rank=4, targets="all"),
+    WeGeFTConfig(rank=4, targets="all", shared=False),
+    WeGeFTConfig(rank=4, targets="all", alpha=8.0),
+    WeGeFTConfig(rank=4, targets="attn", qkv_parts=("q", "v")),
+    WeGeFTConfig(rank=4, targets="all", qkv_parts=("k",), shared=False),
+    LoRAConfig(rank=4, targets="all"),
+    LoRAConfig(rank=4, targets="attn.qkv", qkv_parts=("q", "v"), alpha=16.0),
+]
+
+
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=str)
+def test_identity_at_start(config):
+    model = tiny_vit()
+    x = images()
+    with torch.no_grad():
+        before = model(x)
+        after = apply_adapter(model, config)(x)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["vit", "deit", "dinov2", "clip", "siglip"])
+@pytest.mark.parametrize("config", ALL_CONFIGS, ids=str)
+def test_merged_matches_adapted(arch, config):
+    model = apply_adapter(tiny_vit(arch), config)
+    randomize_edits(model, std=0.5)
+    x = images()
+    with torch.no_grad():
+        adapted = model(x)
+        reference = tiny_vit(arch)(x)
+        assert (adapted - reference).norm() > 1e-3 * reference.norm(), "edits must change it"
+        merged = merge_adapter(model)(x)
+    rel = (merged - adapted).norm() / adapted.norm()
+    assert rel < 1e-5
+    assert not any(isinstance(m, AdaptedLinear) for m in model.modules())
+
+
+def test_merged_state_dict_loads_into_plain_timm_strictly():
+    model = apply_adapter(tiny_vit("vit"), WeGeFTConfig(rank=4, targets="all"))
+    randomize_edits(model)
+    merge_adapter(model)
+    plain = tiny_vit("vit")
+    assert set(model.state_dict()) == set(plain.state_dict())
+    plain.load_state_dict(model.state_dict(), strict=True)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x))
+
+
+def test_merge_formula_w_times_identity_plus_phi_psi():
+    model = apply_adapter(tiny_vit(dtype=torch.float64),
+                          WeGeFTConfig(rank=3, targets="attn.proj", alpha=6.0))
+    randomize_edits(model)
+    gen = get_adapter(model).edits["attn_proj"]
+    original = model.blocks[1].attn.proj.base_layer.weight.detach().clone()
+    merge_adapter(model)
+    m = gen.phi.weight @ gen.psi.weight * (6.0 / 3)
+    expected = original @ (torch.eye(32, dtype=torch.float64) + m)
+    torch.testing.assert_close(model.blocks[1].attn.proj.weight.detach(), expected)
+
+
+def test_remove_adapter_restores_original_layers():
+    model = tiny_vit()
+    originals = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    x = images()
+    with torch.no_grad():
+        before = model(x)
+        apply_adapter(model, WeGeFTConfig(rank=4, targets="all"))
+        randomize_edits(model)
+        remove_adapter(model)
+        after = model(x)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    restored = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert all(restored[n] is m for n, m in originals.items())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def _recover_m(layer: AdaptedLinear, part: str | None, d: int) -> torch.Tensor:
+    """M from outputs alone: solve delta^T = W_p M X^T for M (W_p, X full column rank)."""
+    x = torch.randn(64, d, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        delta = (layer(x) - layer.base_layer(x))[:, layer.part_rows(part)]
+        w = layer.base_layer.weight[layer.part_rows(part)]
+    return torch.linalg.pinv(w) @ delta.T @ torch.linalg.pinv(x.T)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("target, parts", [("attn.proj", None), ("mlp.fc1", None),
+                                           ("attn.qkv", None), ("attn.qkv", ("q", "v"))])
+def test_edit_is_w_times_low_rank_m(shared, target, parts):
+    rank = 3
+    model = apply_adapter(tiny_vit(dtype=torch.float64),
+                          WeGeFTConfig(rank=rank, targets=target, shared=shared, qkv_parts=parts))
+    randomize_edits(model)
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLinear)]
+    assert len(layers) == 2
+    for part in (parts or (None,)):
+        ms = [_recover_m(layer, part, 32) for layer in layers]
+        for m, layer in zip(ms, layers):
+            singular = torch.linalg.svdvals(m)
+            assert singular[rank - 1] > 1e-3 and singular[rank:].max() < 1e-8
+            gen = layer.edits[part]
+            torch.testing.assert_close(m, gen.phi.weight @ gen.psi.weight)
+        same = torch.allclose(ms[0], ms[1], atol=1e-8)
+        assert same is shared
+    if parts:
+        for layer in layers:
+            x = torch.randn(5, 32, dtype=torch.float64)
+            with torch.no_grad():
+                k_rows = layer.part_rows("k")
+                torch.testing.assert_close(layer(x)[:, k_rows], layer.base_layer(x)[:, k_rows],
+                                           rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- training
+
+@pytest.mark.parametrize("config", [WeGeFTConfig(rank=4, targets="all"),
+                                    LoRAConfig(rank=4, targets="attn.proj"),
+                                    LinearProbeConfig()], ids=str)
+def test_gradients_reach_only_adapter_and_head(config):
+    model = apply_adapter(tiny_vit(), config).train()
+    x, y = images(8), torch.arange(8) % 7
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    expected = set(trainable_parameter_names(model))
+    for name, param in model.named_parameters():
+        if name in expected:
+            assert param.grad is not None and param.grad.abs().sum() > 0, name
+        else:
+            assert param.grad is None and not param.requires_grad, name
+    assert losses[-1] < losses[0] - 0.05
+
+
+# ---------------------------------------------------------------- save / load
+
+def test_save_load_round_trip(tmp_path):
+    config = WeGeFTConfig(rank=4, targets="all", qkv_parts=("q", "v"))
+    model = apply_adapter(tiny_vit(), config)
+    randomize_edits(model)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    path = save_adapter(model, tmp_path / "adapter.safetensors")
+    fresh = load_adapter(tiny_vit(), path)
+    assert get_adapter(fresh).config == config
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+    # Only the trainable tensors are saved: kilobytes, not the backbone.
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == set(trainable_parameter_names(model))
+        saved = sum(f.get_tensor(k).numel() for k in f.keys())
+    # q, v, proj and fc1 generators read d_in=32, fc2's reads 128; plus the 7-class head.
+    assert saved == 4 * (2 * 32 * 4) + 2 * 128 * 4 + 32 * 7 + 7
+
+
+def test_load_into_model_with_same_config_applied(tmp_path):
+    config = LoRAConfig(rank=2, targets="attn.proj")
+    model = apply_adapter(tiny_vit(), config)
+    randomize_edits(model)
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    target = apply_adapter(tiny_vit(), LoRAConfig(rank=2, targets="attn.proj"))
+    load_adapter(target, path)
+    with torch.no_grad():
+        torch.testing.assert_close(target(images()), model(images()), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(rank=0), ValueError, "rank must be a positive int, got 0"),
+    (dict(rank=-2), ValueError, "rank must be a positive int"),
+    (dict(rank=2.5), TypeError, "rank must be an int"),
+    (dict(qkv_parts=("q", "x")), ValueError, "qkv_parts must be distinct names"),
+    (dict(targets=()), ValueError, "targets is empty"),
+    (dict(alpha=0), ValueError, "alpha must be positive"),
+])
+def test_config_validation(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        WeGeFTConfig(**kwargs)
+
+
+@pytest.mark.parametrize("config, error, match", [
+    (WeGeFTConfig(targets="attn.qvk"), ValueError,
+     r"target 'attn.qvk' matches no linear layer of VisionTransformer; linear layers here: "
+     r"blocks.N.attn.qkv, blocks.N.attn.proj, blocks.N.mlp.fc1, blocks.N.mlp.fc2"),
+    (WeGeFTConfig(targets="patch_embed.proj"), ValueError,
+     r"target 'patch_embed.proj' matches patch_embed.proj \(Conv2d\), which is not an nn.Linear"),
+    (WeGeFTConfig(rank=33, targets="attn.proj"), ValueError,
+     r"rank 33 exceeds the input size 32 of layer 'blocks.0.attn.proj'"),
+    (WeGeFTConfig(rank=2, targets=[r"blocks\.\d+\.mlp\.fc\d"]), ValueError,
+     r"shares one generator, but 'blocks.0.mlp.fc1' has d_in=32 and 'blocks.0.mlp.fc2' has "
+     r"d_in=128; use separate targets or shared=False"),
+    (WeGeFTConfig(targets="attn.proj", qkv_parts=("q",)), ValueError,
+     r"qkv_parts=\('q',\) given, but none of the targeted layers \(blocks.N.attn.proj\) is a "
+     r"fused qkv"),
+    (WeGeFTConfig(targets=["attn.proj", r".*\.proj"]), ValueError,
+     re.escape("layer 'blocks.0.attn.proj' is matched by both targets 'attn.proj' and "
+               + repr(r".*\.proj"))),
+    ("wegeft", TypeError, "config must be an adapter config"),
+])
+def test_apply_errors(config, error, match):
+    with pytest.raises(error, match=match):
+        apply_adapter(tiny_vit(), config)
+
+
+def test_proj_target_skips_patch_embedding_conv():
+    model = apply_adapter(tiny_vit(), WeGeFTConfig(rank=2, targets="proj"))
+    adapted = [n for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
+    assert adapted == ["blocks.0.attn.proj", "blocks.1.attn.proj"]
+    assert isinstance(model.patch_embed.proj, nn.Conv2d)
+
+
+def test_regex_targets_per_block():
+    model = apply_adapter(tiny_vit(), WeGeFTConfig(rank=2, targets=[r"blocks\.1\.mlp\.fc2"]))
+    adapted = [n for n, m in model.named_modules() if isinstance(m, AdaptedLinear)]
+    assert adapted == ["blocks.1.mlp.fc2"]
+    assert isinstance(model.blocks[1].mlp.fc2.edits[None], WeGeFTGenerator)
+
+
+def test_second_adapter_refused():
+    model = apply_adapter(tiny_vit(), WeGeFTConfig(rank=2))
+    with pytest.raises(ValueError, match=r"already has an adapter \(WeGeFTConfig\(rank=2"):
+        apply_adapter(model, LoRAConfig())
+
+
+def test_merge_without_adapter_refused():
+    with pytest.raises(ValueError, match="cannot merge: VisionTransformer has no adapter"):
+        merge_adapter(tiny_vit())
+
+
+def test_merge_refuses_non_finite_weights():
+    model = apply_adapter(tiny_vit(), WeGeFTConfig(rank=2))
+    with torch.no_grad():
+        get_adapter(model).edits["attn_proj"].phi.weight.fill_(float("inf"))
+    with pytest.raises(ValueError, match="layer 'blocks.0.attn.proj': merging produced non-finite"):
+        merge_adapter(model)
+
+
+def test_load_rejects_other_config(tmp_path):
+    model = apply_adapter(tiny_vit(), WeGeFTConfig(rank=2))
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    other = apply_adapter(tiny_vit(), WeGeFTConfig(rank=4))
+    with pytest.raises(ValueError, match=r"holds an adapter with WeGeFTConfig\(rank=2.*but the "
+                                         r"model has WeGeFTConfig\(rank=4"):
+        load_adapter(other, path)
+
+
+def test_load_rejects_other_shape(tmp_path):
+    model = apply_adapter(tiny_vit(), WeGeFTConfig(rank=2))
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    torch.manual_seed(0)
+    wider = timm.create_model("vit_base_patch16_224", pretrained=False, **{**TINY, "num_classes": 9})
+    with pytest.raises(ValueError, match=r"tensor 'head.weight' has shape \(7, 32\), the model "
+                                         r"expects \(9, 32\)"):
+        load_adapter(wider, path)
+
+
+def test_load_rejects_missing_and_foreign_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="adapter file not found: .*nope.safetensors"):
+        load_adapter(tiny_vit(), tmp_path / "nope.safetensors")
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ValueError, match="foreign.safetensors is not a wegeft_vision adapter file"):
+        load_adapter(tiny_vit(), tmp_path / "foreign.safetensors")
