@@ -368,3 +368,14 @@ def test_load_rejects_missing_and_foreign_files(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(ValueError, match="foreign.safetensors is not a wegeft_vision adapter file"):
         load_adapter(tiny_vit(), tmp_path / "foreign.safetensors")
+
+
+def test_distilled_deit_trains_both_heads():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, **TINY)
+    with pytest.raises(ValueError, match="target 'head_dist' matches no linear layer"):
+        apply_adapter(model, WeGeFTConfig(rank=2, targets="head_dist"))
+    apply_adapter(model, WeGeFTConfig(rank=2, targets="attn.proj"))
+    adapted = sorted(n for n, m in model.named_modules() if isinstance(m, AdaptedLinear))
+    assert adapted == ["blocks.0.attn.proj", "blocks.1.attn.proj"]
+    assert count_parameters(model).head == 2 * (32 * 7 + 7)

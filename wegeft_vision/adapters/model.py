@@ -51,20 +51,23 @@ def _require_adapter(model: nn.Module, action: str) -> AdapterContainer:
     return container
 
 
-def _head(model: nn.Module) -> Optional[nn.Module]:
+def _heads(model: nn.Module) -> list[nn.Module]:
+    """The classifier head(s) from timm's ``get_classifier()`` (distilled DeiT has two)."""
     get_classifier = getattr(model, "get_classifier", None)
-    return get_classifier() if callable(get_classifier) else None
+    if not callable(get_classifier):
+        return []
+    heads = get_classifier()
+    return list(heads) if isinstance(heads, (tuple, list)) else [heads]
 
 
 def head_parameter_names(model: nn.Module) -> list[str]:
-    """Names of the classifier head's parameters (timm's ``get_classifier()``)."""
-    head = _head(model)
-    if head is None:
-        return []
-    prefix = next((n for n, m in model.named_modules() if m is head), None)
-    if prefix is None:
-        return []
-    return [f"{prefix}.{n}" if prefix else n for n, _ in head.named_parameters()]
+    """Names of the classifier head's parameters."""
+    heads = _heads(model)
+    names = []
+    for prefix, module in model.named_modules():
+        if any(module is head for head in heads):
+            names += [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()]
+    return names
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -91,16 +94,17 @@ def find_target_layers(model: nn.Module, targets: tuple[str, ...]) -> dict[str, 
 
     The classifier head is never a target: it trains in full anyway.
     """
-    head = _head(model)
+    heads = _heads(model)
     modules = dict(model.named_modules())
-    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and m is not head]
+    is_head = {n for n, m in modules.items() if any(m is h for h in heads)}
+    linears = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n not in is_head]
     found: dict[str, list[str]] = {}
     owner: dict[str, str] = {}
     for pattern in targets:
         hits = [n for n in modules if n and _matches(pattern, n)]
         layers = [n for n in hits if n in linears]
         if not layers:
-            others = [f"{n} ({type(modules[n]).__name__})" for n in hits if modules[n] is not head]
+            others = [f"{n} ({type(modules[n]).__name__})" for n in hits if n not in is_head]
             if others:
                 raise ValueError(f"target {pattern!r} matches {', '.join(others[:3])}, which is "
                                  f"not an nn.Linear; linear layers here: {_kinds(linears)}")
