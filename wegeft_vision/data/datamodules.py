@@ -1,0 +1,466 @@
+"""LightningDataModules for VTAB-1k, FGVC, few-shot FGVC and any torchvision ImageFolder tree.
+
+All four share ``ImageDataModule``: normalisation from the backbone's timm data config, loader
+defaults, the in-memory cache, and ``setup()`` that validates every needed split (annotation
+files, labels, image files) before any image is decoded. ``num_classes`` and ``class_names`` are
+known right after ``__init__`` so a CLI can link them to the model.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from .datasets import ImageListDataset
+from .readers import (RawLabel, Sample, build_label_mapping, check_images_exist, json_samples,
+                      read_json_labels, read_list_file)
+from .registry import (FEWSHOT_DATASETS, FGVC_DATASETS, VTAB_TASKS, did_you_mean, fgvc_dataset,
+                       find, normalize_name, spellings)
+from .transforms import SplitTransform, backbone_data_config, crop_transform, resize_transform
+
+log = logging.getLogger(__name__)
+PathLike = Union[str, Path]
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+STAGE_SPLITS: dict[Optional[str], tuple[str, ...]] = {
+    "fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",),
+    None: SPLITS,
+}
+# Auto caching keeps the train and val splits (read every epoch) while they fit in this budget.
+DEFAULT_CACHE_BUDGET_GB = 2.0
+MAX_AUTO_WORKERS = 8
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_num_workers() -> int:
+    """One CPU stays with the training process; at most 8 loader workers."""
+    return max(0, min(MAX_AUTO_WORKERS, available_cpus() - 1))
+
+
+def _listing(folder: Path) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    return ", ".join(names) if names else "(nothing)"
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """``path`` if it is a folder, else FileNotFoundError showing what the nearest parent holds."""
+    if path.is_dir():
+        return path
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    raise FileNotFoundError(f"{what} {path} does not exist; {parent} holds: {_listing(parent)}")
+
+
+def find_folder(root: Path, names: Sequence[str]) -> Optional[Path]:
+    """The sub-folder of ``root`` spelled like one of ``names`` (ignoring case, '-', '_')."""
+    require_dir(root, "root folder")
+    folders = [p for p in sorted(root.iterdir()) if p.is_dir()]
+    for name in names:
+        if (root / name).is_dir():
+            return root / name
+    keys = {normalize_name(name) for name in names}
+    for folder in folders:
+        if normalize_name(folder.name) in keys:
+            return folder
+    return None
+
+
+def _missing_folder(root: Path, names: Sequence[str], what: str) -> FileNotFoundError:
+    tried = ", ".join(dict.fromkeys(names))
+    return FileNotFoundError(f"no folder for {what} under {root} (tried: {tried}); "
+                             f"{root} holds: {_listing(root)}")
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base class: loaders, normalisation and caching shared by every datamodule.
+
+    Args:
+        root: folder holding the data; each subclass documents its layout.
+        batch_size: samples per batch for every split.
+        num_workers: loader processes; None picks ``min(8, CPUs - 1)`` for splits read from
+            disk and 0 for cached splits (a cached batch only needs normalising).
+        backbone: timm model name (optionally with a pretrained tag) whose pretrained data
+            config gives input size, mean/std and interpolation; no weights are downloaded.
+        image_size: input size in pixels (square); overrides the backbone's.
+        mean: per-channel mean; overrides the backbone's.
+        std: per-channel std; overrides the backbone's.
+        interpolation: resize interpolation ("bilinear", "bicubic", ...); overrides the
+            backbone's.
+        cache: keep decoded, resized images of the splits without augmentation in memory.
+            None caches the train and val splits while they fit in ``cache_budget_gb``; True
+            caches every split without augmentation; False caches nothing.
+        pin_memory: pin batches in page-locked memory; None pins when CUDA is available.
+        cache_budget_gb: memory the automatic cache may use, in GiB.
+    """
+
+    def __init__(self, root: PathLike, batch_size: int = 32, num_workers: Optional[int] = None,
+                 backbone: Optional[str] = None, image_size: Optional[int] = None,
+                 mean: Optional[tuple[float, float, float]] = None,
+                 std: Optional[tuple[float, float, float]] = None,
+                 interpolation: Optional[str] = None, cache: Optional[bool] = None,
+                 pin_memory: Optional[bool] = None,
+                 cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB) -> None:
+        super().__init__()
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if num_workers is not None and (isinstance(num_workers, bool)
+                                        or not isinstance(num_workers, int) or num_workers < 0):
+            raise ValueError(f"num_workers must be a non-negative int or None, got {num_workers!r}")
+        if cache_budget_gb < 0:
+            raise ValueError(f"cache_budget_gb must be >= 0, got {cache_budget_gb}")
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser()
+        self.batch_size = batch_size
+        self.data_config = backbone_data_config(backbone, image_size, mean, std, interpolation)
+        self._auto_workers = num_workers is None
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.cache = cache
+        self.cache_budget_bytes = int(cache_budget_gb * 2**30)
+        self.num_classes: int = 0
+        self.class_names: Optional[list[str]] = None
+        self.datasets: dict[str, ImageListDataset] = {}
+
+    # What a subclass provides.
+    def read_split(self, split: str) -> list[Sample]:
+        """Read and validate the annotations of ``split`` ("train", "val" or "test")."""
+        raise NotImplementedError
+
+    def split_transform(self, split: str) -> SplitTransform:
+        """The pipeline for ``split``."""
+        raise NotImplementedError
+
+    @property
+    def description(self) -> str:
+        """Names the data in messages, e.g. "VTAB-1k task 'cifar'"."""
+        return f"{type(self).__name__}({self.root})"
+
+    # Lightning hooks.
+    def setup(self, stage: Optional[str] = None) -> None:
+        """Validate the splits ``stage`` needs, then fill the cache where it is on."""
+        if stage not in STAGE_SPLITS:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGE_SPLITS)}")
+        new = [split for split in STAGE_SPLITS[stage] if split not in self.datasets]
+        samples = {split: self.read_split(split) for split in new}
+        for split, split_samples in samples.items():
+            check_images_exist(split_samples, f"{self.description}, {split} split")
+        for split in new:
+            self.datasets[split] = ImageListDataset(samples[split], self.split_transform(split))
+        for split in new:
+            if self._should_cache(split):
+                self.datasets[split].fill_cache(self.num_workers)
+
+    def _should_cache(self, split: str) -> bool:
+        dataset = self.datasets[split]
+        if self.cache is False or dataset.transform.augments:
+            return False
+        if self.cache:
+            return True
+        if split == "test":
+            return False  # read once per run: decoding it up front gains nothing
+        height, width = self.data_config.input_size
+        used = sum(ds.cache.numel() for ds in self.datasets.values() if ds.cache is not None)
+        needed = len(dataset) * 3 * height * width
+        if used + needed > self.cache_budget_bytes:
+            log.info("not caching the %s split: %.0f MB would exceed the %.0f MB budget", split,
+                     (used + needed) / 2**20, self.cache_budget_bytes / 2**20)
+            return False
+        return True
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"the {split} split is not set up: call setup() first "
+                               "(the Trainer does this)")
+        dataset = self.datasets[split]
+        workers = 0 if self._auto_workers and dataset.cache is not None else self.num_workers
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=workers, pin_memory=self.pin_memory,
+                          persistent_workers=workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+
+def _check_num_classes(num_classes: Optional[int], known: Optional[int], name: str) -> None:
+    if num_classes is None:
+        return
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if known is not None and num_classes != known:
+        raise ValueError(f"num_classes={num_classes} contradicts {name}, which has {known} "
+                         "classes; leave num_classes unset")
+
+
+def _infer_num_classes(list_file: Path, folder: Path) -> int:
+    return 1 + max(sample.label for sample in read_list_file(list_file, folder))
+
+
+class VTAB1kDataModule(ImageDataModule):
+    """VTAB-1k in NOAH's layout: resize to the input size, no augmentation.
+
+    Layout: ``<root>/<task>/{train800,val200,train800val200,test}.txt`` with lines
+    ``images/train800/000123.jpg 7``, paths relative to the task folder. ``split="train800"``
+    trains on train800 and validates on val200 (the hyper-parameter search protocol);
+    ``"train800val200"`` trains on all 1000 images and validates on val200 (the final protocol).
+    Test is always ``test.txt``.
+
+    A ``task`` outside the 19 VTAB-1k tasks is read from ``<root>/<task>/`` in the same layout;
+    its ``num_classes`` is taken as given, or else as 1 + the largest label of its training list
+    (read in ``__init__``).
+
+    Args:
+        root: folder holding the task folders.
+        task: task name or folder spelling (``cifar``/``cifar100``, ...); see ``VTAB_TASKS``.
+        split: ``"train800"`` or ``"train800val200"``: the training list.
+        num_classes: for a task outside the registry; must match the registry otherwise.
+        **common: ``ImageDataModule`` arguments (batch_size, backbone, image_size, cache, ...).
+    """
+
+    TRAIN_SPLITS: tuple[str, ...] = ("train800", "train800val200")
+
+    def __init__(self, root: PathLike, task: str, split: str = "train800val200",
+                 num_classes: Optional[int] = None, **common) -> None:
+        if split not in self.TRAIN_SPLITS:
+            raise ValueError(f"split must be one of {self.TRAIN_SPLITS}, got {split!r}")
+        super().__init__(root, **common)
+        self.split = split
+        self.task_info = find(task, VTAB_TASKS)
+        self.task = task if self.task_info is None else self.task_info.name
+        if self.task_info is not None:
+            _check_num_classes(num_classes, self.task_info.num_classes, self.description)
+            self.num_classes = self.task_info.num_classes
+        else:
+            _check_num_classes(num_classes, None, self.description)
+            folder = self.task_folder()
+            self.num_classes = num_classes or _infer_num_classes(folder / f"{split}.txt", folder)
+        self._list_files = {"train": split, "val": "val200", "test": "test"}
+
+    @property
+    def description(self) -> str:
+        return f"VTAB-1k task {self.task!r}"
+
+    def task_folder(self) -> Path:
+        """``<root>/<task>`` under whichever spelling is on disk."""
+        names = (self.task,) if self.task_info is None else (self.task, *spellings(self.task_info))
+        folder = find_folder(self.root, names)
+        if folder is not None:
+            return folder
+        if self.task_info is None:
+            raise ValueError(
+                f"unknown VTAB-1k task {self.task!r}"
+                f"{did_you_mean(self.task, list(VTAB_TASKS))} and no folder {self.root / self.task}"
+                f" for a custom task; {self.root} holds: {_listing(self.root)}")
+        raise _missing_folder(self.root, names, self.description)
+
+    def read_split(self, split: str) -> list[Sample]:
+        folder = self.task_folder()
+        return read_list_file(folder / f"{self._list_files[split]}.txt", folder, self.num_classes)
+
+    def split_transform(self, split: str) -> SplitTransform:
+        return resize_transform(self.data_config)
+
+
+class FGVCDataModule(ImageDataModule):
+    """FGVC in VPT's json layout, with VPT's transforms.
+
+    Layout: ``<dataset folder>/{train,val,test}.json``, each ``{"relative/path.jpg": label}``,
+    paths relative to the dataset's image folder (CUB_200_2011 and nabirds: ``images/``,
+    StanfordDogs: ``Images/``, OxfordFlowers and StanfordCars: the dataset folder). ``root`` is
+    the dataset folder, or a folder holding it under one of its spellings. Raw labels (strings
+    like "001", sparse ints) are mapped to 0..C-1 in sorted order, from train.json only, and the
+    same mapping is applied to val and test. Train: resize the short side to 256/224 of the input
+    size, random crop, horizontal flip; val/test: same resize, centre crop.
+
+    Args:
+        root: the dataset folder or its parent.
+        dataset: CUB_200_2011, nabirds, OxfordFlowers, StanfordDogs or StanfordCars (or an alias).
+        use_val_for_train: train on train + val (the final protocol); val still serves the
+            validation loop.
+        **common: ``ImageDataModule`` arguments.
+    """
+
+    def __init__(self, root: PathLike, dataset: str, use_val_for_train: bool = False,
+                 **common) -> None:
+        super().__init__(root, **common)
+        self.info = fgvc_dataset(dataset)
+        self.dataset = self.info.name
+        self.num_classes = self.info.num_classes
+        self.use_val_for_train = use_val_for_train
+        self.label_mapping: Optional[dict[RawLabel, int]] = None
+
+    @property
+    def description(self) -> str:
+        return f"FGVC dataset {self.dataset!r}"
+
+    def dataset_folder(self) -> Path:
+        """``root`` when it holds train.json, else its sub-folder spelled like the dataset."""
+        require_dir(self.root, "root folder")
+        if (self.root / "train.json").is_file():
+            return self.root
+        folder = find_folder(self.root, spellings(self.info))
+        if folder is None:
+            raise FileNotFoundError(f"{self.root} holds neither train.json nor a folder for "
+                                    f"{self.description} (tried: {', '.join(spellings(self.info))}"
+                                    f"); it holds: {_listing(self.root)}")
+        return folder
+
+    def _json_split(self, folder: Path, name: str) -> list[Sample]:
+        train_json = folder / "train.json"
+        if self.label_mapping is None:
+            mapping = build_label_mapping(list(read_json_labels(train_json).values()))
+            if len(mapping) != self.num_classes:
+                raise ValueError(f"{train_json}: {len(mapping)} distinct labels, but "
+                                 f"{self.description} has {self.num_classes} classes")
+            self.label_mapping = mapping
+        path = folder / f"{name}.json"
+        image_dir = require_dir(folder / self.info.image_dir, f"{self.description} image folder")
+        return json_samples(path, read_json_labels(path), self.label_mapping, image_dir,
+                            str(train_json))
+
+    def read_split(self, split: str) -> list[Sample]:
+        folder = self.dataset_folder()
+        samples = self._json_split(folder, split)
+        if split == "train" and self.use_val_for_train:
+            samples += self._json_split(folder, "val")
+        return samples
+
+    def split_transform(self, split: str) -> SplitTransform:
+        return crop_transform(self.data_config, train=split == "train")
+
+
+class FewShotDataModule(ImageDataModule):
+    """Few-shot FGVC in NOAH's layout.
+
+    Layout: ``<root>/<dataset>/annotations/train_meta.list.num_shot_<shots>.seed_<seed>``,
+    ``val_meta.list`` and ``test_meta.list``, lines ``relative/path label`` (0-based); images
+    under ``<root>/<dataset>/images/`` (stanford_cars: under ``<root>/<dataset>/``). NOAH's five
+    datasets use shots 1, 2, 4, 8, 16 and seeds 0, 1, 2; other values work where their list
+    file exists. A ``dataset`` outside the registry is read from ``<root>/<dataset>/`` (images
+    under ``images/`` when that folder exists), with ``num_classes`` as given or 1 + the largest
+    label of its training list.
+
+    Args:
+        root: folder holding the dataset folders.
+        dataset: fgvc_aircraft, food101, oxford_flowers102, oxford_pets or stanford_cars (or a
+            common spelling such as ``fgvc-aircraft``).
+        shots: training images per class.
+        seed: which of the sampled training lists.
+        augment: True: FGVC transforms (random crop + flip for training, centre crop for
+            evaluation); False: resize only, as for VTAB-1k (cacheable).
+        num_classes: for a dataset outside the registry; must match the registry otherwise.
+        **common: ``ImageDataModule`` arguments.
+    """
+
+    def __init__(self, root: PathLike, dataset: str, shots: int, seed: int = 0,
+                 augment: bool = True, num_classes: Optional[int] = None, **common) -> None:
+        for name, value in (("shots", shots), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name == "shots"):
+                raise ValueError(f"{name} must be a {'positive' if name == 'shots' else 'non-negative'}"
+                                 f" int, got {value!r}")
+        super().__init__(root, **common)
+        self.info = find(dataset, FEWSHOT_DATASETS)
+        self.dataset = dataset if self.info is None else self.info.name
+        self.shots, self.seed, self.augment = shots, seed, augment
+        self._list_files = {"train": f"train_meta.list.num_shot_{shots}.seed_{seed}",
+                            "val": "val_meta.list", "test": "test_meta.list"}
+        if self.info is not None:
+            _check_num_classes(num_classes, self.info.num_classes, self.description)
+            self.num_classes = self.info.num_classes
+        else:
+            _check_num_classes(num_classes, None, self.description)
+            self.num_classes = num_classes or _infer_num_classes(
+                self.list_file("train"), self.image_folder())
+
+    @property
+    def description(self) -> str:
+        return f"few-shot dataset {self.dataset!r}"
+
+    def dataset_folder(self) -> Path:
+        """``<root>/<dataset>`` under whichever spelling is on disk."""
+        names = (self.dataset,) if self.info is None else (self.dataset, *spellings(self.info))
+        folder = find_folder(self.root, names)
+        if folder is not None:
+            return folder
+        if self.info is None:
+            raise ValueError(
+                f"unknown few-shot dataset {self.dataset!r}"
+                f"{did_you_mean(self.dataset, list(FEWSHOT_DATASETS))} and no folder "
+                f"{self.root / self.dataset} for a custom dataset; {self.root} holds: "
+                f"{_listing(self.root)}")
+        raise _missing_folder(self.root, names, self.description)
+
+    def image_folder(self) -> Path:
+        folder = self.dataset_folder()
+        if self.info is None:
+            return folder / "images" if (folder / "images").is_dir() else folder
+        return require_dir(folder / self.info.image_dir, f"{self.description} image folder")
+
+    def list_file(self, split: str) -> Path:
+        return self.dataset_folder() / "annotations" / self._list_files[split]
+
+    def read_split(self, split: str) -> list[Sample]:
+        return read_list_file(self.list_file(split), self.image_folder(), self.num_classes)
+
+    def split_transform(self, split: str) -> SplitTransform:
+        if self.augment:
+            return crop_transform(self.data_config, train=split == "train")
+        return resize_transform(self.data_config)
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """Any dataset in torchvision's ImageFolder layout: ``<root>/{train,val,test}/<class>/*.jpg``.
+
+    Classes are the sub-folders of ``train/`` in sorted order (read in ``__init__``); val and
+    test may lack some classes but hold no others. ``test/`` is needed only for testing.
+
+    Args:
+        root: folder holding ``train/``, ``val/`` and optionally ``test/``.
+        augment: True: FGVC transforms (random crop + flip for training, centre crop for
+            evaluation); False: resize only, as for VTAB-1k (cacheable).
+        **common: ``ImageDataModule`` arguments.
+    """
+
+    def __init__(self, root: PathLike, augment: bool = True, **common) -> None:
+        super().__init__(root, **common)
+        self.augment = augment
+        train = require_dir(self.root / "train", "ImageFolder train folder")
+        self.class_names, self.class_to_idx = find_classes(str(train))
+        self.num_classes = len(self.class_names)
+
+    def read_split(self, split: str) -> list[Sample]:
+        folder = require_dir(self.root / split, f"ImageFolder {split} folder")
+        extra = sorted(p.name for p in folder.iterdir()
+                       if p.is_dir() and p.name not in self.class_to_idx)
+        if extra:
+            raise ValueError(f"{folder} holds class folders that train/ lacks: {', '.join(extra)}")
+        items = make_dataset(str(folder), self.class_to_idx, extensions=IMG_EXTENSIONS,
+                             allow_empty=split != "train")
+        if not items:
+            raise ValueError(f"{folder} holds no images with extensions {', '.join(IMG_EXTENSIONS)}")
+        return [Sample(Path(path), label, f"{folder}") for path, label in items]
+
+    def split_transform(self, split: str) -> SplitTransform:
+        if self.augment:
+            return crop_transform(self.data_config, train=split == "train")
+        return resize_transform(self.data_config)

@@ -1,0 +1,117 @@
+"""Normalisation from the backbone's timm data config, and the benchmarks' image pipelines.
+
+Every pipeline is split in two so decoded images can be cached: ``prepare`` (deterministic, uint8
+in and out: the resize, and for evaluation also the centre crop) and ``finish`` (random
+augmentation if any, then float conversion and normalisation). A cached image is the output of
+``prepare``, so cached and uncached loading give identical tensors by construction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import timm
+import torch
+from timm.data import resolve_data_config
+from torchvision.transforms import InterpolationMode, v2
+
+from .registry import did_you_mean
+
+Triple = tuple[float, float, float]
+# VPT's FGVC recipe at 224 px: resize the short side to 256, crop 224; scaled to other sizes.
+FGVC_RESIZE_RATIO = 256 / 224
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Input size (height, width), normalisation and resize interpolation."""
+
+    input_size: tuple[int, int]
+    mean: Triple
+    std: Triple
+    interpolation: str
+
+
+def _interpolation_mode(name: str) -> InterpolationMode:
+    try:
+        return InterpolationMode(name.lower())
+    except ValueError:
+        known = ", ".join(mode.value for mode in InterpolationMode)
+        raise ValueError(f"unknown interpolation {name!r}; use one of {known}") from None
+
+
+def _triple(value: Optional[tuple[float, ...]], name: str) -> Optional[Triple]:
+    if value is None:
+        return None
+    value = tuple(float(v) for v in value)
+    if len(value) != 3:
+        raise ValueError(f"{name} must hold 3 values (one per RGB channel), got {value!r}")
+    if name == "std" and min(value) <= 0:
+        raise ValueError(f"std must be positive, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+def backbone_data_config(backbone: Optional[str] = None, image_size: Optional[int] = None,
+                         mean: Optional[tuple[float, ...]] = None,
+                         std: Optional[tuple[float, ...]] = None,
+                         interpolation: Optional[str] = None) -> DataConfig:
+    """Merge explicit values, the backbone's timm pretrained config and timm's defaults.
+
+    Explicit values win over the pretrained config, which wins over timm's defaults (224 px,
+    ImageNet mean/std, bicubic). ``backbone`` may carry a pretrained tag
+    (``vit_base_patch16_224.augreg_in21k``); only its config is read, no weights are fetched.
+    """
+    pretrained_cfg = None
+    if backbone is not None:
+        if not timm.is_model(backbone):
+            raise ValueError(f"unknown timm model {backbone!r}"
+                             f"{did_you_mean(backbone, timm.list_models())}")
+        cfg = timm.models.get_pretrained_cfg(backbone)
+        pretrained_cfg = None if cfg is None else cfg.to_dict()
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
+                                   or image_size <= 0):
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    if interpolation is not None:
+        _interpolation_mode(interpolation)
+    args = {"img_size": image_size, "mean": _triple(mean, "mean"), "std": _triple(std, "std"),
+            "interpolation": interpolation}
+    resolved = resolve_data_config(args, pretrained_cfg=pretrained_cfg)
+    _, height, width = resolved["input_size"]
+    return DataConfig((int(height), int(width)), tuple(resolved["mean"]),  # type: ignore[arg-type]
+                      tuple(resolved["std"]), str(resolved["interpolation"]))
+
+
+@dataclass(frozen=True)
+class SplitTransform:
+    """``prepare`` (deterministic, uint8) then ``finish`` (augment, float, normalise)."""
+
+    prepare: v2.Transform
+    finish: v2.Transform
+    augments: bool
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.prepare(image))
+
+
+def _finish(config: DataConfig, augment: list[v2.Transform]) -> v2.Compose:
+    return v2.Compose([*augment, v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(list(config.mean), list(config.std))])
+
+
+def resize_transform(config: DataConfig) -> SplitTransform:
+    """VTAB-1k: resize to the input size (square for ViTs), no augmentation."""
+    mode = _interpolation_mode(config.interpolation)
+    return SplitTransform(v2.Resize(config.input_size, interpolation=mode, antialias=True),
+                          _finish(config, []), augments=False)
+
+
+def crop_transform(config: DataConfig, train: bool) -> SplitTransform:
+    """FGVC: short side to 256/224 of the input size, then random crop + flip or centre crop."""
+    mode = _interpolation_mode(config.interpolation)
+    short_side = round(min(config.input_size) * FGVC_RESIZE_RATIO)
+    resize = v2.Resize(short_side, interpolation=mode, antialias=True)
+    if train:
+        augment = [v2.RandomCrop(config.input_size), v2.RandomHorizontalFlip(0.5)]
+        return SplitTransform(resize, _finish(config, augment), augments=True)
+    return SplitTransform(v2.Compose([resize, v2.CenterCrop(config.input_size)]),
+                          _finish(config, []), augments=False)
