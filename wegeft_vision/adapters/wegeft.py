@@ -6,10 +6,10 @@ layer's input, so training never builds dW; merging folds it into W' = W(I + phi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import QKV_PARTS
+from .functional import EditSpec, plain_form_enabled, wegeft_linear, wegeft_linear_plain
 from .layer import AdaptedLinear, Edit
 
 
@@ -39,17 +39,28 @@ class WeGeFTGenerator(Edit):
 
 
 class WeGeFTLinear(AdaptedLinear):
-    """y = W(x + phi(psi(x))) + b, per q/k/v part when the edits are keyed by part."""
+    """y = W(x + phi(psi(x))) + b, per q/k/v part when the edits are keyed by part.
+
+    Runs the fast path of :mod:`.functional` (the plain autograd form inside
+    :func:`.functional.plain_form`). ``recompute``: rebuild this layer's input in backward from
+    what its producer (LayerNorm, GELU, attention) saved anyway, instead of keeping a copy.
+    """
+
+    recompute: bool = True
+
+    def edit_specs(self) -> list[EditSpec]:
+        """The edits as the functional form takes them, in q, k, v row order."""
+        specs = []
+        for part in (None, *QKV_PARTS):
+            edit = self.edits.get(part)
+            if edit is not None:
+                rows = None if part is None else self.part_rows(part)
+                specs.append(EditSpec(psi=edit.psi.weight, phi=edit.phi.weight, scale=edit.scale,
+                                      rows=None if rows is None else (rows.start, rows.stop)))
+        return specs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        whole = self.edits.get(None)
-        if whole is not None:
-            return F.linear(x + whole(x), weight, bias)
-        outputs = []
-        for part in QKV_PARTS:
-            rows = self.part_rows(part)
-            edit = self.edits.get(part)
-            part_input = x if edit is None else x + edit(x)
-            outputs.append(F.linear(part_input, weight[rows], None if bias is None else bias[rows]))
-        return torch.cat(outputs, dim=-1)
+        if plain_form_enabled():
+            return wegeft_linear_plain(x, weight, bias, self.edit_specs())
+        return wegeft_linear(x, weight, bias, self.edit_specs(), recompute=self.recompute)
