@@ -1,6 +1,7 @@
 """VTAB-1k datamodule, list-file reader, image decoding, transforms and the cache."""
 from __future__ import annotations
 
+import pickle
 import re
 
 import numpy as np
@@ -135,6 +136,9 @@ def test_cached_and_uncached_give_identical_tensors(tmp_path):
         assert cached.datasets[split].cache is not None and plain.datasets[split].cache is None
         for (a, la), (b, lb) in zip(cached._loader(split, False), plain._loader(split, False)):
             assert torch.equal(a, b) and torch.equal(la, lb)
+    # Loader workers started with "spawn" (macOS, Windows) receive the dataset pickled.
+    copy = pickle.loads(pickle.dumps(plain.datasets["train"]))
+    assert torch.equal(copy[4][0], cached.datasets["train"][4][0])
 
 
 def test_auto_cache_keeps_train_and_val_within_the_budget(tmp_path):
@@ -220,3 +224,44 @@ def test_unknown_task_without_a_folder_suggests_the_closest(tmp_path):
         VTAB1kDataModule(tmp_path, "smallnorb_az")
     with pytest.raises(ValueError, match="split must be one of"):
         VTAB1kDataModule(tmp_path, "svhn", split="train1000")
+
+
+def test_trainer_runs_the_datamodule_end_to_end(tmp_path):
+    import lightning as L
+    from jsonargparse import ArgumentParser
+
+    class Probe(L.LightningModule):
+        def __init__(self, num_classes: int) -> None:
+            super().__init__()
+            self.head = torch.nn.Linear(3 * 8 * 8, num_classes)
+
+        def training_step(self, batch, _):
+            images, labels = batch
+            return torch.nn.functional.cross_entropy(self.head(images.flatten(1)), labels)
+
+        def validation_step(self, batch, _):
+            self.log("val/loss", self.training_step(batch, _))
+
+        def predict_step(self, batch, _):
+            return self.head(batch[0].flatten(1)).argmax(1)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    make_vtab_task(tmp_path, "digits", {"train800": [0, 1, 2, 3, 4], "val200": [4, 3],
+                                        "test": [0, 1, 2]})
+    # The CLI sees the common arguments through **common, as LightningCLI would.
+    parser = ArgumentParser()
+    parser.add_class_arguments(VTAB1kDataModule, "data")
+    config = parser.parse_args(["--data.root", str(tmp_path), "--data.task", "digits",
+                                "--data.image_size", "8", "--data.batch_size", "4",
+                                "--data.num_workers", "0"])
+    dm = parser.instantiate(config).data
+    assert dm.num_classes == 5 and dm.batch_size == 4
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    model = Probe(dm.num_classes)
+    trainer.fit(model, datamodule=dm)
+    assert "val/loss" in trainer.callback_metrics
+    predictions = torch.cat(trainer.predict(model, datamodule=dm))
+    assert predictions.shape == (3,)

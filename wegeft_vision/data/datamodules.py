@@ -20,8 +20,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from .datasets import ImageListDataset
 from .readers import (RawLabel, Sample, build_label_mapping, check_images_exist, json_samples,
                       read_json_labels, read_list_file)
-from .registry import (FEWSHOT_DATASETS, FGVC_DATASETS, VTAB_TASKS, did_you_mean, fgvc_dataset,
-                       find, normalize_name, spellings)
+from .registry import (FEWSHOT_DATASETS, VTAB_TASKS, did_you_mean, fgvc_dataset, find,
+                       normalize_name, spellings)
 from .transforms import SplitTransform, backbone_data_config, crop_transform, resize_transform
 
 log = logging.getLogger(__name__)

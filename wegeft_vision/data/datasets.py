@@ -67,7 +67,10 @@ class ImageListDataset(Dataset):
         """Decode and prepare every image once, with ``num_workers`` loader processes."""
         if self.transform.augments:
             raise ValueError("only splits without augmentation can be cached")
-        loader = DataLoader(_Prepared(self), batch_size=CACHE_FILL_BATCH, num_workers=num_workers)
+        batches = -(-len(self) // CACHE_FILL_BATCH)
+        # Workers pay off only with batches to share; a single batch is decoded in-process.
+        workers = min(num_workers, batches) if batches > 1 else 0
+        loader = DataLoader(_Prepared(self), batch_size=CACHE_FILL_BATCH, num_workers=workers)
         cache: Optional[torch.Tensor] = None
         start = 0
         for batch in loader:
