@@ -1,0 +1,101 @@
+"""The ``wegeft-vision`` command: Lightning's fit / validate / test / predict, plus ``export``.
+
+Configs compose with repeated ``--config`` (later files win); see configs/ and docs/training.md.
+The number of classes flows from the datamodule to the model, the backbone name from the
+model to the datamodule (for its timm normalisation).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from jsonargparse import ActionConfigFile, ArgumentParser, lazy_instance
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import CSVLogger
+
+from .data import ImageDataModule
+from .training import PAPER_BACKBONE, ViTClassifier
+from .training.export import export_checkpoint
+from .training.summary import RunSummary
+
+DESCRIPTION = ("Fine-tune timm ViTs with WeGeFT and baselines. Subcommands: fit, validate, test, "
+               "predict (Lightning) and export (checkpoint -> merged plain-timm safetensors; "
+               "see `wegeft-vision export --help`).")
+
+
+class WeGeFTCLI(LightningCLI):
+    """LightningCLI with this project's links and defaults.
+
+    Adds a ``checkpoint`` group (a ModelCheckpoint writing ``<log dir>/checkpoints/last.ckpt``
+    after every epoch, so an interrupted fit resumes with ``--ckpt_path`` on it and loses at most
+    one epoch) and ``--test_after_fit``.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.backbone", "data.init_args.backbone")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        # One file, rewritten every epoch: Lightning only refreshes save_last's last.ckpt when a
+        # monitored top-k file is saved, which would let a resume lose many epochs.
+        parser.set_defaults({"model.backbone": PAPER_BACKBONE, "checkpoint.filename": "last",
+                             "checkpoint.monitor": None, "checkpoint.save_top_k": 1})
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="after fit, test the final weights (the VTAB-1k protocol "
+                                 "reports the last epoch); other subcommands ignore it, so one "
+                                 "config serves them all")
+
+    def after_fit(self) -> None:
+        if self.config.fit.test_after_fit:
+            self.trainer.test(self.model, datamodule=self.datamodule)
+        self._report()
+
+    def after_validate(self) -> None:
+        self._report()
+
+    def after_test(self) -> None:
+        self._report()
+
+    def _report(self) -> None:
+        summary = next(c for c in self.trainer.callbacks if isinstance(c, RunSummary))
+        if self.trainer.is_global_zero:
+            print(summary.report(self.trainer, self.model), flush=True)
+
+
+def _export_main(args: list[str]) -> None:
+    parser = ArgumentParser(prog="wegeft-vision export", description=export_checkpoint.__doc__)
+    parser.add_argument("-c", "--config", action=ActionConfigFile)
+    parser.add_function_arguments(export_checkpoint)
+    cfg = parser.parse_args(args)
+    cfg.pop("config", None)
+    weights = export_checkpoint(**cfg.as_dict())
+    print(f"wrote {weights} and {weights.with_name('config.json')}", flush=True)
+
+
+def cli_main(args: Optional[list[str]] = None, run: bool = True) -> Optional[WeGeFTCLI]:
+    """Run the command line on ``args`` (default: ``sys.argv[1:]``).
+
+    Returns the LightningCLI (``cli.trainer.callback_metrics`` holds the logged metrics), or
+    None for ``export``.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if run and argv[:1] == ["export"]:
+        _export_main(argv[1:])
+        return None
+    return WeGeFTCLI(
+        ViTClassifier, ImageDataModule, subclass_mode_data=True, args=args, run=run,
+        trainer_defaults={"max_epochs": 100, "log_every_n_steps": 10,
+                          "logger": lazy_instance(CSVLogger, save_dir="runs"),
+                          "callbacks": [RunSummary()]},
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": DESCRIPTION},
+    )
+
+
+def main() -> None:
+    """Console script entry point."""
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

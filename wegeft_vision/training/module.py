@@ -1,0 +1,251 @@
+"""``ViTClassifier``: a timm ViT with an adapter, trained as a LightningModule.
+
+Checkpoints are slim: they hold the trainable tensors (adapter and head) and what rebuilds the
+rest: the hyper-parameters name the backbone and its weights, and a fingerprint of the frozen
+weights proves on loading that the re-created backbone is the one the adapter was trained on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from jsonargparse import set_parsing_settings
+import torch.nn.functional as F
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..adapters import (AdapterConfig, WeGeFTConfig, apply_adapter, count_parameters,
+                        trainable_parameter_names)
+from ..adapters.model import ParameterCount
+from .backbone import create_backbone, fingerprint
+from .optim import WarmupCosine, build_adamw
+
+PAPER_BACKBONE = "vit_base_patch16_224.augreg_in21k"
+CHECKPOINT_KEY = "wegeft_vision"
+CHECKPOINT_FORMAT = "wegeft_vision.checkpoint/1"
+MODEL_PREFIX = "model."
+# jsonargparse parses a dataclass as a fixed group of fields; enabling subclasses of
+# AdapterConfig lets configs choose the method (class_path: wegeft_vision.LoRAConfig) and lets
+# LightningCLI and load_from_checkpoint read the class_path form stored in checkpoints.
+set_parsing_settings(subclasses_enabled=[AdapterConfig])
+# Hyper-parameters that must agree between a checkpoint and the model it is loaded into.
+IDENTITY_HPARAMS: tuple[str, ...] = ("backbone", "num_classes", "backbone_kwargs", "adapter")
+
+
+def adapter_to_hparam(config: AdapterConfig) -> dict[str, Any]:
+    """The adapter config as jsonargparse's class_path form: plain data, so checkpoints load with
+    ``torch.load(weights_only=True)`` and LightningCLI can parse it back."""
+    cls = type(config)
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    init_args = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+
+
+def adapter_from_hparam(value: Any) -> AdapterConfig:
+    """Accept a config or its class_path form (as stored in checkpoints)."""
+    if isinstance(value, AdapterConfig):
+        return value
+    if isinstance(value, dict) and "class_path" in value:
+        module_name, _, class_name = value["class_path"].rpartition(".")
+        cls = getattr(__import__(module_name, fromlist=[class_name]), class_name, None)
+        if isinstance(cls, type) and issubclass(cls, AdapterConfig):
+            return cls(**value.get("init_args", {}))
+    raise TypeError(f"adapter must be an AdapterConfig (e.g. WeGeFTConfig()) or its class_path "
+                    f"form, got {value!r}")
+
+
+def timm_data_config(config: Any) -> Optional[dict[str, Any]]:
+    """A datamodule's ``DataConfig`` (input_size (H, W), mean, std, interpolation) in timm's
+    form, with input_size (C, H, W); None passes through."""
+    if config is None:
+        return None
+    return {"input_size": [3, *config.input_size], "mean": list(config.mean),
+            "std": list(config.std), "interpolation": config.interpolation}
+
+
+class ViTClassifier(L.LightningModule):
+    """Image classification with a timm backbone adapted by WeGeFT, LoRA, a linear probe or
+    full fine-tuning.
+
+    Args:
+        backbone: timm model name, e.g. ``vit_base_patch16_224.augreg_in21k`` (the paper's).
+        num_classes: classes of the new head (the CLI takes it from the datamodule).
+        adapter: which method trains: ``WeGeFTConfig`` (default: the paper's, attn.proj, r=16,
+            shared), ``LoRAConfig``, ``LinearProbeConfig`` or ``FullFinetuneConfig``.
+        pretrained: start from timm's pretrained weights (False: random, for tests).
+        checkpoint_path: local backbone weights (.npz, .safetensors, .pth) for machines without
+            internet; used instead of downloading and implies ``pretrained``.
+        backbone_kwargs: further ``timm.create_model`` arguments (``img_size``, ``depth``, ...).
+        drop_path_rate: stochastic depth of the backbone.
+        label_smoothing: cross-entropy label smoothing.
+        lr: peak learning rate, reached after the warm-up.
+        weight_decay: AdamW weight decay on matrices (not on biases or 1-D tensors).
+        warmup_epochs: linear warm-up length in epochs (fractions allowed), counted in steps.
+        warmup_lr: learning rate at the first step.
+        min_lr: learning rate the cosine decay ends at, on the last step.
+        init_seed: seed of the random initialisation when no weights are loaded.
+    """
+
+    def __init__(self, backbone: str, num_classes: int,
+                 adapter: AdapterConfig = WeGeFTConfig(),
+                 pretrained: bool = True, checkpoint_path: Optional[str] = None,
+                 backbone_kwargs: Optional[dict[str, Any]] = None, drop_path_rate: float = 0.1,
+                 label_smoothing: float = 0.0, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 warmup_epochs: float = 10.0, warmup_lr: float = 1e-7, min_lr: float = 1e-6,
+                 init_seed: int = 0) -> None:
+        super().__init__()
+        self.adapter_config = adapter_from_hparam(adapter)
+        # save_hyperparameters reads the local variables: store the plain class_path form.
+        adapter = adapter_to_hparam(self.adapter_config)
+        for name, value in (("lr", lr), ("warmup_lr", warmup_lr), ("min_lr", min_lr),
+                            ("weight_decay", weight_decay), ("warmup_epochs", warmup_epochs),
+                            ("drop_path_rate", drop_path_rate)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.save_hyperparameters()
+        self.model = create_backbone(backbone, num_classes, pretrained=pretrained,
+                                     checkpoint_path=checkpoint_path,
+                                     drop_path_rate=drop_path_rate, init_seed=init_seed,
+                                     backbone_kwargs=backbone_kwargs)
+        apply_adapter(self.model, self.adapter_config)
+        self.num_classes = num_classes
+        self.train_acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_metrics = self._eval_metrics("val")
+        self.test_metrics = self._eval_metrics("test")
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
+        self._frozen_fingerprint: Optional[str] = None
+        self.checkpoint_info: Optional[dict[str, Any]] = None  # what on_load_checkpoint read
+
+    def _eval_metrics(self, stage: str) -> MetricCollection:
+        metrics = {"acc": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
+        if self.num_classes > 5:
+            metrics["acc_top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")
+        return MetricCollection(metrics, prefix=f"{stage}/")
+
+    # Model.
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def trainable_names(self) -> list[str]:
+        """State-dict keys (with the ``model.`` prefix) of the tensors that train."""
+        return [MODEL_PREFIX + name for name in trainable_parameter_names(self.model)]
+
+    def parameter_count(self) -> ParameterCount:
+        return count_parameters(self.model)
+
+    # Steps.
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+                      ) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        self.train_acc(logits, labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
+                 batch_size=len(labels), sync_dist=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], metrics: MetricCollection,
+                  loss_metric: MeanMetric, stage: str) -> None:
+        images, labels = batch
+        logits = self(images)
+        # Mean over samples, not batches, so the epoch loss is exact under DDP too.
+        loss_metric.update(F.cross_entropy(logits, labels), weight=len(labels))
+        metrics.update(logits, labels)
+        self.log(f"{stage}/loss", loss_metric, on_epoch=True, batch_size=len(labels))
+        self.log_dict(metrics, on_epoch=True, prog_bar=True, batch_size=len(labels))
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, self.val_loss, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, self.test_loss, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Class probabilities [B, num_classes]; labels in the batch are ignored."""
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).softmax(dim=-1)
+
+    # Optimisation.
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = build_adamw(self.model, lr=hp.lr, weight_decay=hp.weight_decay)
+        trainer = self.trainer
+        total_steps = int(trainer.estimated_stepping_batches)
+        batches = trainer.num_training_batches
+        if not math.isfinite(batches) or total_steps <= 0:
+            raise ValueError("the warm-up/cosine schedule needs a finite number of training "
+                             f"steps; got {batches} batches per epoch")
+        steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+        warmup_steps = min(total_steps, round(hp.warmup_epochs * steps_per_epoch))
+        schedule = WarmupCosine(lr=hp.lr, warmup_lr=hp.warmup_lr, min_lr=hp.min_lr,
+                                warmup_steps=warmup_steps, total_steps=total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # Slim checkpoints.
+    def frozen_fingerprint(self) -> str:
+        """Fingerprint of every tensor that does not train (cached: they never change)."""
+        if self._frozen_fingerprint is None:
+            trainable = set(self.trainable_names())
+            frozen = {k: v for k, v in self.state_dict().items()
+                      if k.startswith(MODEL_PREFIX) and k not in trainable}
+            self._frozen_fingerprint = fingerprint(frozen)
+        return self._frozen_fingerprint
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = set(self.trainable_names())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if k in trainable}
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "frozen_fingerprint": self.frozen_fingerprint(),
+            "class_names": getattr(datamodule, "class_names", None),
+            "data_config": timm_data_config(getattr(datamodule, "data_config", None)),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        where = f"checkpoint {self._trainer.ckpt_path}" if (
+            self._trainer is not None and self._trainer.ckpt_path) else "the checkpoint"
+        info = checkpoint.get(CHECKPOINT_KEY)
+        if not isinstance(info, dict) or info.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{where} was not written by wegeft_vision's ViTClassifier")
+        self.check_compatible(checkpoint.get("hyper_parameters", {}), where)
+        if info["frozen_fingerprint"] != self.frozen_fingerprint():
+            hp = self.hparams
+            source = hp.checkpoint_path or ("timm's pretrained weights" if hp.pretrained else
+                                            f"a random init with init_seed={hp.init_seed}")
+            raise ValueError(f"{where} was trained on other frozen weights than this model's "
+                             f"{hp.backbone} from {source}; load it with the backbone weights "
+                             "it was trained on")
+        self.checkpoint_info = info
+        # The frozen tensors come from the re-created backbone; strict loading still checks
+        # that the checkpoint holds every trainable tensor.
+        state = self.state_dict()
+        trainable = set(self.trainable_names())
+        checkpoint["state_dict"] = {**{k: v for k, v in state.items() if k not in trainable},
+                                    **checkpoint["state_dict"]}
+
+    def check_compatible(self, hparams: dict[str, Any], where: str) -> None:
+        """Raise ValueError if ``hparams`` (a checkpoint's) build a different model than this."""
+        for key in IDENTITY_HPARAMS:
+            theirs, ours = hparams.get(key), self.hparams.get(key)
+            if key == "adapter" and theirs is not None:
+                theirs, ours = adapter_from_hparam(theirs), self.adapter_config
+            if key == "backbone_kwargs":
+                theirs, ours = theirs or {}, ours or {}
+            if theirs != ours:
+                raise ValueError(f"{where} was trained with {key}={theirs!r}, but this model has "
+                                 f"{key}={ours!r}")
+
+    def describe(self) -> str:
+        return f"{self.hparams.backbone} + {self.adapter_config}: {self.parameter_count()}"

@@ -1,0 +1,48 @@
+"""The end-of-run summary: what trained, how well, how long, and where the files went."""
+from __future__ import annotations
+
+import time
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+
+class RunSummary(Callback):
+    """Collects validation accuracy per epoch and the wall time; ``report()`` formats them with
+    the test metrics, parameter counts, checkpoint and log paths."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.val_acc: list[float] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        acc = trainer.callback_metrics.get("val/acc")
+        if acc is not None and not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.val_acc.append(float(acc))
+
+    def report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
+        lines = ["", "=== wegeft-vision summary ==="]
+        describe = getattr(pl_module, "describe", None)
+        if callable(describe):
+            lines.append(f"model:        {describe()}")
+        if self.val_acc:
+            best = max(range(len(self.val_acc)), key=self.val_acc.__getitem__)
+            lines.append(f"val acc:      best {self.val_acc[best]:.4f} (validation {best + 1} of "
+                         f"{len(self.val_acc)}), last {self.val_acc[-1]:.4f}")
+        metrics = trainer.callback_metrics
+        tests = [f"{name.split('/', 1)[1]} {float(metrics[name]):.4f}"
+                 for name in ("test/acc", "test/acc_top5", "test/loss") if name in metrics]
+        if tests:
+            lines.append(f"test:         {', '.join(tests)}")
+        lines.append(f"wall time:    {time.perf_counter() - self.start:.1f} s")
+        checkpoint = trainer.checkpoint_callback
+        if checkpoint is not None and checkpoint.best_model_path:
+            kind = ("latest epoch" if checkpoint.monitor is None else
+                    f"best {checkpoint.monitor}")
+            lines.append(f"checkpoint:   {checkpoint.best_model_path} ({kind})")
+        if checkpoint is not None and checkpoint.last_model_path:
+            lines.append(f"checkpoint:   {checkpoint.last_model_path} (last)")
+        if trainer.ckpt_path:
+            lines.append(f"loaded:       {trainer.ckpt_path}")
+        if trainer.log_dir:
+            lines.append(f"logs:         {trainer.log_dir}")
+        return "\n".join(lines)
