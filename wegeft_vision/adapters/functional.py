@@ -160,8 +160,11 @@ def _saved_tensor_hooks_active() -> bool:
 
 def input_recipe(x: torch.Tensor) -> Optional[tuple[Rebuild, tuple[torch.Tensor, ...]]]:
     """How to rebuild ``x`` in backward from tensors its producer already saved, if known."""
+    # Compiled graphs have no grad_fn to read; the compiler's partitioner recomputes by itself.
+    if torch.compiler.is_compiling() or _saved_tensor_hooks_active():
+        return None
     node = x.grad_fn
-    if node is None or torch.compiler.is_compiling() or _saved_tensor_hooks_active():
+    if node is None:
         return None
     recipe = _RECIPES.get(type(node).__name__)
     return None if recipe is None else recipe(node, x)
