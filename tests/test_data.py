@@ -199,7 +199,7 @@ def test_missing_root_task_folder_and_list_file(tmp_path):
         VTAB1kDataModule(tmp_path, "cifar").setup("fit")
     (tmp_path / "dtd/val200.txt").unlink()
     with pytest.raises(FileNotFoundError, match=r"list file .*dtd/val200.txt does not exist; "
-                       r".*dtd holds: images, test.txt, train800.txt, train800val200.txt"):
+                       r".*dtd holds: images/, test.txt, train800.txt, train800val200.txt"):
         VTAB1kDataModule(tmp_path, "dtd").setup("validate")
 
 

@@ -10,18 +10,19 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
+from .checks import listing, optional_int, require_dir, require_int
 from .datasets import ImageListDataset
 from .readers import (RawLabel, Sample, build_label_mapping, check_images_exist, json_samples,
                       read_json_labels, read_list_file)
-from .registry import (FEWSHOT_DATASETS, VTAB_TASKS, did_you_mean, fgvc_dataset, find,
-                       normalize_name, spellings)
+from .registry import (FEWSHOT_DATASETS, VTAB_TASKS, FewShotDataset, VTABTask, did_you_mean,
+                       fgvc_dataset, find, normalize_name, spellings)
 from .transforms import SplitTransform, backbone_data_config, crop_transform, resize_transform
 
 log = logging.getLogger(__name__)
@@ -48,39 +49,53 @@ def default_num_workers() -> int:
     return max(0, min(MAX_AUTO_WORKERS, available_cpus() - 1))
 
 
-def _listing(folder: Path) -> str:
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
-    return ", ".join(names) if names else "(nothing)"
-
-
-def require_dir(path: Path, what: str) -> Path:
-    """``path`` if it is a folder, else FileNotFoundError showing what the nearest parent holds."""
-    if path.is_dir():
-        return path
-    parent = path.parent
-    while not parent.is_dir() and parent != parent.parent:
-        parent = parent.parent
-    raise FileNotFoundError(f"{what} {path} does not exist; {parent} holds: {_listing(parent)}")
-
-
 def find_folder(root: Path, names: Sequence[str]) -> Optional[Path]:
-    """The sub-folder of ``root`` spelled like one of ``names`` (ignoring case, '-', '_')."""
+    """The sub-folder of ``root`` named like one of ``names``: exactly, else ignoring case and
+    '-', '_', '.', spaces."""
     require_dir(root, "root folder")
-    folders = [p for p in sorted(root.iterdir()) if p.is_dir()]
     for name in names:
         if (root / name).is_dir():
             return root / name
     keys = {normalize_name(name) for name in names}
-    for folder in folders:
-        if normalize_name(folder.name) in keys:
+    for folder in sorted(root.iterdir()):
+        if folder.is_dir() and normalize_name(folder.name) in keys:
             return folder
     return None
 
 
-def _missing_folder(root: Path, names: Sequence[str], what: str) -> FileNotFoundError:
-    tried = ", ".join(dict.fromkeys(names))
-    return FileNotFoundError(f"no folder for {what} under {root} (tried: {tried}); "
-                             f"{root} holds: {_listing(root)}")
+def registered_or_custom_folder(root: Path, name: str, entry: Optional[VTABTask | FewShotDataset],
+                                table: Mapping[str, object], what: str) -> Path:
+    """The folder of a registered task/dataset under any spelling, or ``<root>/<name>``.
+
+    A name outside the registry without a folder is most likely a typo: ValueError with the
+    closest registered name.
+    """
+    names = (name,) if entry is None else tuple(dict.fromkeys((name, *spellings(entry))))
+    folder = find_folder(root, names)
+    if folder is not None:
+        return folder
+    if entry is None:
+        raise ValueError(f"unknown {what} {name!r}{did_you_mean(name, list(table))} and no "
+                         f"folder {root / name} for a custom one; {root} holds: {listing(root)}")
+    raise FileNotFoundError(f"no folder for {what} {name!r} under {root} (tried: "
+                            f"{', '.join(names)}); {root} holds: {listing(root)}")
+
+
+def resolve_num_classes(num_classes: Optional[int], entry: Optional[VTABTask | FewShotDataset],
+                        description: str, infer: Callable[[], int]) -> int:
+    """The registry's class count (``num_classes`` must agree), else the given or inferred one."""
+    optional_int(num_classes, "num_classes", 1)
+    if entry is None:
+        return num_classes if num_classes is not None else infer()
+    if num_classes is not None and num_classes != entry.num_classes:
+        raise ValueError(f"num_classes={num_classes} contradicts {description}, which has "
+                         f"{entry.num_classes} classes; leave num_classes unset")
+    return entry.num_classes
+
+
+def largest_label_plus_one(list_file: Path, image_dir: Path) -> int:
+    """A custom task's class count: 1 + the largest label of its training list."""
+    return 1 + max(sample.label for sample in read_list_file(list_file, image_dir))
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -113,11 +128,8 @@ class ImageDataModule(L.LightningDataModule):
                  pin_memory: Optional[bool] = None,
                  cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        if num_workers is not None and (isinstance(num_workers, bool)
-                                        or not isinstance(num_workers, int) or num_workers < 0):
-            raise ValueError(f"num_workers must be a non-negative int or None, got {num_workers!r}")
+        require_int(batch_size, "batch_size", 1)
+        optional_int(num_workers, "num_workers", 0)
         if cache_budget_gb < 0:
             raise ValueError(f"cache_budget_gb must be >= 0, got {cache_budget_gb}")
         self.save_hyperparameters()
@@ -202,20 +214,6 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
 
-def _check_num_classes(num_classes: Optional[int], known: Optional[int], name: str) -> None:
-    if num_classes is None:
-        return
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if known is not None and num_classes != known:
-        raise ValueError(f"num_classes={num_classes} contradicts {name}, which has {known} "
-                         "classes; leave num_classes unset")
-
-
-def _infer_num_classes(list_file: Path, folder: Path) -> int:
-    return 1 + max(sample.label for sample in read_list_file(list_file, folder))
-
-
 class VTAB1kDataModule(ImageDataModule):
     """VTAB-1k in NOAH's layout: resize to the input size, no augmentation.
 
@@ -247,14 +245,10 @@ class VTAB1kDataModule(ImageDataModule):
         self.split = split
         self.task_info = find(task, VTAB_TASKS)
         self.task = task if self.task_info is None else self.task_info.name
-        if self.task_info is not None:
-            _check_num_classes(num_classes, self.task_info.num_classes, self.description)
-            self.num_classes = self.task_info.num_classes
-        else:
-            _check_num_classes(num_classes, None, self.description)
-            folder = self.task_folder()
-            self.num_classes = num_classes or _infer_num_classes(folder / f"{split}.txt", folder)
         self._list_files = {"train": split, "val": "val200", "test": "test"}
+        self.num_classes = resolve_num_classes(
+            num_classes, self.task_info, self.description,
+            lambda: largest_label_plus_one(self.list_file("train"), self.task_folder()))
 
     @property
     def description(self) -> str:
@@ -262,20 +256,14 @@ class VTAB1kDataModule(ImageDataModule):
 
     def task_folder(self) -> Path:
         """``<root>/<task>`` under whichever spelling is on disk."""
-        names = (self.task,) if self.task_info is None else (self.task, *spellings(self.task_info))
-        folder = find_folder(self.root, names)
-        if folder is not None:
-            return folder
-        if self.task_info is None:
-            raise ValueError(
-                f"unknown VTAB-1k task {self.task!r}"
-                f"{did_you_mean(self.task, list(VTAB_TASKS))} and no folder {self.root / self.task}"
-                f" for a custom task; {self.root} holds: {_listing(self.root)}")
-        raise _missing_folder(self.root, names, self.description)
+        return registered_or_custom_folder(self.root, self.task, self.task_info, VTAB_TASKS,
+                                           "VTAB-1k task")
+
+    def list_file(self, split: str) -> Path:
+        return self.task_folder() / f"{self._list_files[split]}.txt"
 
     def read_split(self, split: str) -> list[Sample]:
-        folder = self.task_folder()
-        return read_list_file(folder / f"{self._list_files[split]}.txt", folder, self.num_classes)
+        return read_list_file(self.list_file(split), self.task_folder(), self.num_classes)
 
     def split_transform(self, split: str) -> SplitTransform:
         return resize_transform(self.data_config)
@@ -322,7 +310,7 @@ class FGVCDataModule(ImageDataModule):
         if folder is None:
             raise FileNotFoundError(f"{self.root} holds neither train.json nor a folder for "
                                     f"{self.description} (tried: {', '.join(spellings(self.info))}"
-                                    f"); it holds: {_listing(self.root)}")
+                                    f"); it holds: {listing(self.root)}")
         return folder
 
     def _json_split(self, folder: Path, name: str) -> list[Sample]:
@@ -374,23 +362,17 @@ class FewShotDataModule(ImageDataModule):
 
     def __init__(self, root: PathLike, dataset: str, shots: int, seed: int = 0,
                  augment: bool = True, num_classes: Optional[int] = None, **common) -> None:
-        for name, value in (("shots", shots), ("seed", seed)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (name == "shots"):
-                raise ValueError(f"{name} must be a {'positive' if name == 'shots' else 'non-negative'}"
-                                 f" int, got {value!r}")
+        require_int(shots, "shots", 1)
+        require_int(seed, "seed", 0)
         super().__init__(root, **common)
         self.info = find(dataset, FEWSHOT_DATASETS)
         self.dataset = dataset if self.info is None else self.info.name
         self.shots, self.seed, self.augment = shots, seed, augment
         self._list_files = {"train": f"train_meta.list.num_shot_{shots}.seed_{seed}",
                             "val": "val_meta.list", "test": "test_meta.list"}
-        if self.info is not None:
-            _check_num_classes(num_classes, self.info.num_classes, self.description)
-            self.num_classes = self.info.num_classes
-        else:
-            _check_num_classes(num_classes, None, self.description)
-            self.num_classes = num_classes or _infer_num_classes(
-                self.list_file("train"), self.image_folder())
+        self.num_classes = resolve_num_classes(
+            num_classes, self.info, self.description,
+            lambda: largest_label_plus_one(self.list_file("train"), self.image_folder()))
 
     @property
     def description(self) -> str:
@@ -398,17 +380,8 @@ class FewShotDataModule(ImageDataModule):
 
     def dataset_folder(self) -> Path:
         """``<root>/<dataset>`` under whichever spelling is on disk."""
-        names = (self.dataset,) if self.info is None else (self.dataset, *spellings(self.info))
-        folder = find_folder(self.root, names)
-        if folder is not None:
-            return folder
-        if self.info is None:
-            raise ValueError(
-                f"unknown few-shot dataset {self.dataset!r}"
-                f"{did_you_mean(self.dataset, list(FEWSHOT_DATASETS))} and no folder "
-                f"{self.root / self.dataset} for a custom dataset; {self.root} holds: "
-                f"{_listing(self.root)}")
-        raise _missing_folder(self.root, names, self.description)
+        return registered_or_custom_folder(self.root, self.dataset, self.info, FEWSHOT_DATASETS,
+                                           "few-shot dataset")
 
     def image_folder(self) -> Path:
         folder = self.dataset_folder()

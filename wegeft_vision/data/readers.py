@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from .checks import require_file
+
 RawLabel = Union[int, str]
 MAX_SHOWN = 5
 
@@ -24,14 +26,6 @@ class Sample:
     source: str
 
 
-def _require_file(path: Path, what: str) -> None:
-    if not path.is_file():
-        listing = ", ".join(sorted(p.name for p in path.parent.iterdir())) \
-            if path.parent.is_dir() else "(folder does not exist)"
-        raise FileNotFoundError(f"{what} {path} does not exist; {path.parent} holds: "
-                                f"{listing or '(nothing)'}")
-
-
 def read_list_file(path: Path, image_dir: Path, num_classes: Optional[int] = None) -> list[Sample]:
     """Read ``relative/path label`` lines; image paths are joined onto ``image_dir``.
 
@@ -40,7 +34,7 @@ def read_list_file(path: Path, image_dir: Path, num_classes: Optional[int] = Non
     ``num_classes`` when it is given.
     """
     path = Path(path)
-    _require_file(path, "list file")
+    require_file(path, "list file")
     samples = []
     # utf-8-sig drops a byte-order mark; splitlines() handles \n, \r\n and \r alike.
     for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
@@ -78,7 +72,7 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
 def read_json_labels(path: Path) -> dict[str, RawLabel]:
     """Read a flat ``{"relative/path.jpg": label}`` json object; labels are ints or strings."""
     path = Path(path)
-    _require_file(path, "json file")
+    require_file(path, "json file")
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_reject_duplicates)
     except json.JSONDecodeError as exc:

@@ -15,6 +15,7 @@ import torch
 from timm.data import resolve_data_config
 from torchvision.transforms import InterpolationMode, v2
 
+from .checks import optional_int
 from .registry import did_you_mean
 
 Triple = tuple[float, float, float]
@@ -68,9 +69,7 @@ def backbone_data_config(backbone: Optional[str] = None, image_size: Optional[in
                              f"{did_you_mean(backbone, timm.list_models())}")
         cfg = timm.models.get_pretrained_cfg(backbone)
         pretrained_cfg = None if cfg is None else cfg.to_dict()
-    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
-                                   or image_size <= 0):
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    optional_int(image_size, "image_size", 1)
     if interpolation is not None:
         _interpolation_mode(interpolation)
     args = {"img_size": image_size, "mean": _triple(mean, "mean"), "std": _triple(std, "std"),
