@@ -222,8 +222,23 @@ def test_unknown_task_without_a_folder_suggests_the_closest(tmp_path):
     with pytest.raises(ValueError, match=r"unknown VTAB-1k task 'smallnorb_az' \(did you mean "
                        r"'smallnorb_azi'\?\) and no folder .* holds: svhn/"):
         VTAB1kDataModule(tmp_path, "smallnorb_az")
-    with pytest.raises(ValueError, match="split must be one of"):
-        VTAB1kDataModule(tmp_path, "svhn", split="train1000")
+    with pytest.raises(ValueError, match="split names the training list, e.g. 'train800' or "
+                       "'train800val200'; got 'test'"):
+        VTAB1kDataModule(tmp_path, "svhn", split="test")
+
+
+def test_vtab_other_training_lists(tmp_path):
+    folder = make_vtab_task(tmp_path, "digits", {"train800": [0, 1, 2, 3], "val200": [1],
+                                                 "test": [2], "train_shot1_seed0": [3, 0]})
+    dm = VTAB1kDataModule(tmp_path, "digits", split="train_shot1_seed0", image_size=8)
+    assert dm.num_classes == 4  # inferred from the training list actually used
+    dm.setup("fit")
+    assert dm.datasets["train"].labels == [3, 0]
+    assert dm.datasets["train"].samples[0].path == folder / "images/train_shot1_seed0/000000.jpg"
+    with pytest.raises(FileNotFoundError, match=r"list file .*digits/train_shot9_seed0.txt does "
+                       r"not exist; .* holds: images/, test.txt, train800.txt, "
+                       r"train800val200.txt, train_shot1_seed0.txt, val200.txt"):
+        VTAB1kDataModule(tmp_path, "digits", split="train_shot9_seed0", num_classes=5).setup()
 
 
 def test_trainer_runs_the_datamodule_end_to_end(tmp_path):

@@ -221,7 +221,9 @@ class VTAB1kDataModule(ImageDataModule):
     ``images/train800/000123.jpg 7``, paths relative to the task folder. ``split="train800"``
     trains on train800 and validates on val200 (the hyper-parameter search protocol);
     ``"train800val200"`` trains on all 1000 images and validates on val200 (the final protocol).
-    Test is always ``test.txt``.
+    Any other list file of the task folder can be the training list too
+    (``split="train_shot8_seed0"`` reads ``train_shot8_seed0.txt``). Validation is always
+    ``val200.txt``, test ``test.txt``.
 
     A ``task`` outside the 19 VTAB-1k tasks is read from ``<root>/<task>/`` in the same layout;
     its ``num_classes`` is taken as given, or else as 1 + the largest label of its training list
@@ -230,17 +232,16 @@ class VTAB1kDataModule(ImageDataModule):
     Args:
         root: folder holding the task folders.
         task: task name or folder spelling (``cifar``/``cifar100``, ...); see ``VTAB_TASKS``.
-        split: ``"train800"`` or ``"train800val200"``: the training list.
+        split: the training list's name: ``"train800"``, ``"train800val200"`` or another list.
         num_classes: for a task outside the registry; must match the registry otherwise.
         **common: ``ImageDataModule`` arguments (batch_size, backbone, image_size, cache, ...).
     """
 
-    TRAIN_SPLITS: tuple[str, ...] = ("train800", "train800val200")
-
     def __init__(self, root: PathLike, task: str, split: str = "train800val200",
                  num_classes: Optional[int] = None, **common) -> None:
-        if split not in self.TRAIN_SPLITS:
-            raise ValueError(f"split must be one of {self.TRAIN_SPLITS}, got {split!r}")
+        if not isinstance(split, str) or not split or split in ("val200", "test"):
+            raise ValueError(f"split names the training list, e.g. 'train800' or "
+                             f"'train800val200'; got {split!r}")
         super().__init__(root, **common)
         self.split = split
         self.task_info = find(task, VTAB_TASKS)
@@ -430,7 +431,8 @@ class ImageFolderDataModule(ImageDataModule):
         items = make_dataset(str(folder), self.class_to_idx, extensions=IMG_EXTENSIONS,
                              allow_empty=split != "train")
         if not items:
-            raise ValueError(f"{folder} holds no images with extensions {', '.join(IMG_EXTENSIONS)}")
+            raise ValueError(f"{folder} holds no images with extensions "
+                             f"{', '.join(IMG_EXTENSIONS)}")
         return [Sample(Path(path), label, f"{folder}") for path, label in items]
 
     def split_transform(self, split: str) -> SplitTransform:

@@ -52,7 +52,8 @@ def read_list_file(path: Path, image_dir: Path, num_classes: Optional[int] = Non
             raise ValueError(f"{where}: label {label_text!r} is not an integer "
                              f"(line {line!r})") from None
         if label < 0 or (num_classes is not None and label >= num_classes):
-            limit = "" if num_classes is None else f" for {num_classes} classes (0..{num_classes - 1})"
+            limit = "" if num_classes is None else \
+                f" for {num_classes} classes (0..{num_classes - 1})"
             raise ValueError(f"{where}: label {label} is out of range{limit}")
         samples.append(Sample(image_dir / relative, label, where))
     if not samples:
@@ -74,7 +75,8 @@ def read_json_labels(path: Path) -> dict[str, RawLabel]:
     path = Path(path)
     require_file(path, "json file")
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=_reject_duplicates)
+        data = json.loads(path.read_text(encoding="utf-8-sig"),
+                          object_pairs_hook=_reject_duplicates)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}, line {exc.lineno}: invalid json: {exc.msg}") from None
     except ValueError as exc:
