@@ -53,7 +53,7 @@ def export_checkpoint(ckpt_path: Union[str, Path], output_dir: Union[str, Path],
         raise FileExistsError(f"{', '.join(existing)} already exist; pass overwrite=True "
                               "(--overwrite true) to replace them")
     overrides = {} if checkpoint_path is None else {"checkpoint_path": checkpoint_path}
-    module = ViTClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", **overrides)
+    module = ViTClassifier.from_checkpoint(ckpt_path, **overrides)
     info = module.checkpoint_info or {}
     model = merge_adapter(module.model).eval()
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Union
 
 import lightning as L
 import torch
@@ -192,6 +193,27 @@ class ViTClassifier(L.LightningModule):
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # Slim checkpoints.
+    @classmethod
+    def from_checkpoint(cls, path: Union[str, Path], **overrides: Any) -> "ViTClassifier":
+        """Rebuild a model from a checkpoint of this class, on the CPU, in eval mode.
+
+        ``overrides`` replace stored hyper-parameters, e.g. ``checkpoint_path`` when the backbone
+        weights moved (Lightning's ``load_from_checkpoint`` cannot take that name).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if CHECKPOINT_KEY not in checkpoint:
+            raise ValueError(f"checkpoint {path} was not written by wegeft_vision's ViTClassifier")
+        # Keys starting with "_" are LightningCLI's bookkeeping (_instantiator, _class_path).
+        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items()
+                   if not k.startswith("_")}
+        model = cls(**{**hparams, **overrides})
+        model.on_load_checkpoint(checkpoint, where=f"checkpoint {path}")
+        model.load_state_dict(checkpoint["state_dict"])
+        return model.eval()
+
     def frozen_fingerprint(self) -> str:
         """Fingerprint of every tensor that does not train (cached: they never change)."""
         if self._frozen_fingerprint is None:
@@ -208,18 +230,21 @@ class ViTClassifier(L.LightningModule):
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         checkpoint[CHECKPOINT_KEY] = {
             "format": CHECKPOINT_FORMAT,
+            # Kept apart from hyper_parameters, which load_from_checkpoint(**overrides) edits.
+            "identity": {key: self.hparams[key] for key in IDENTITY_HPARAMS},
             "frozen_fingerprint": self.frozen_fingerprint(),
             "class_names": getattr(datamodule, "class_names", None),
             "data_config": timm_data_config(getattr(datamodule, "data_config", None)),
         }
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        where = f"checkpoint {self._trainer.ckpt_path}" if (
-            self._trainer is not None and self._trainer.ckpt_path) else "the checkpoint"
+    def on_load_checkpoint(self, checkpoint: dict[str, Any], where: Optional[str] = None) -> None:
+        if where is None:
+            where = f"checkpoint {self._trainer.ckpt_path}" if (
+                self._trainer is not None and self._trainer.ckpt_path) else "the checkpoint"
         info = checkpoint.get(CHECKPOINT_KEY)
         if not isinstance(info, dict) or info.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{where} was not written by wegeft_vision's ViTClassifier")
-        self.check_compatible(checkpoint.get("hyper_parameters", {}), where)
+        self.check_compatible(info["identity"], where)
         if info["frozen_fingerprint"] != self.frozen_fingerprint():
             hp = self.hparams
             source = hp.checkpoint_path or ("timm's pretrained weights" if hp.pretrained else
@@ -235,10 +260,10 @@ class ViTClassifier(L.LightningModule):
         checkpoint["state_dict"] = {**{k: v for k, v in state.items() if k not in trainable},
                                     **checkpoint["state_dict"]}
 
-    def check_compatible(self, hparams: dict[str, Any], where: str) -> None:
-        """Raise ValueError if ``hparams`` (a checkpoint's) build a different model than this."""
+    def check_compatible(self, identity: dict[str, Any], where: str) -> None:
+        """Raise ValueError if a checkpoint's identity hyper-parameters differ from this model's."""
         for key in IDENTITY_HPARAMS:
-            theirs, ours = hparams.get(key), self.hparams.get(key)
+            theirs, ours = identity.get(key), self.hparams.get(key)
             if key == "adapter" and theirs is not None:
                 theirs, ours = adapter_from_hparam(theirs), self.adapter_config
             if key == "backbone_kwargs":

@@ -1,0 +1,87 @@
+"""A tiny learnable VTAB-layout task, tiny ViT backbone weights, and a config for both."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import save_file
+
+from _data_helpers import write_list
+
+TASK = "toy"
+NUM_CLASSES = 6  # > 5, so top-5 accuracy is logged too
+# Images per class in each list; test holds an odd total so DDP must not pad it.
+SPLIT_SIZES = {"train800": 2, "val200": 1, "test": 1, "train800val200": 3}
+EXTRA_TEST = 1
+BACKBONE = "vit_tiny_patch16_224"
+BACKBONE_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 2, "num_heads": 2}
+
+
+def class_image(label: int, index: int) -> Image.Image:
+    """A noisy image whose colour and stripe position depend on the class."""
+    rng = np.random.default_rng(1000 * label + index)
+    pixels = rng.integers(0, 60, (32, 32, 3)).astype(np.uint8)
+    pixels[:, :, label % 3] += 150
+    pixels[4 * label: 4 * label + 4, :, :] = 255
+    return Image.fromarray(pixels)
+
+
+def make_toy_task(root: Path) -> Path:
+    """``<root>/toy/`` in NOAH's VTAB-1k layout with PNGs of NUM_CLASSES classes."""
+    folder = root / TASK
+    for split, per_class in SPLIT_SIZES.items():
+        entries = []
+        labels = [c for c in range(NUM_CLASSES) for _ in range(per_class)]
+        labels += list(range(EXTRA_TEST)) if split == "test" else []
+        for index, label in enumerate(labels):
+            rel = f"images/{split}/{index:06d}.png"
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            class_image(label, index).save(folder / rel)
+            entries.append((rel, label))
+        write_list(folder / f"{split}.txt", entries)
+    return folder
+
+
+def make_backbone_file(path: Path, seed: int = 0, **overrides: Any) -> Path:
+    """Random tiny-ViT weights without a head, as an offline ``checkpoint_path``."""
+    torch.manual_seed(seed)
+    model = timm.create_model(BACKBONE, pretrained=False, num_classes=0,
+                              **{**BACKBONE_KWARGS, **overrides})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def write_config(path: Path, data_root: Path, weights: Path, log_dir: Path,
+                 **model: Any) -> Path:
+    """A complete fit/test config for the toy task: few steps, no progress bars."""
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": 2, "accelerator": "cpu", "devices": 1, "log_every_n_steps": 1,
+            "enable_progress_bar": False, "enable_model_summary": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                       "init_args": {"save_dir": str(log_dir), "name": "toy"}},
+        },
+        "model": {
+            "backbone": BACKBONE, "checkpoint_path": str(weights),
+            "backbone_kwargs": BACKBONE_KWARGS, "drop_path_rate": 0.0, "lr": 0.01,
+            "weight_decay": 0.01, "warmup_epochs": 1, "min_lr": 0.001,
+            "adapter": {"class_path": "wegeft_vision.WeGeFTConfig",
+                        "init_args": {"rank": 4, "targets": "all"}},
+            **model,
+        },
+        "data": {
+            "class_path": "wegeft_vision.data.VTAB1kDataModule",
+            "init_args": {"root": str(data_root), "task": TASK, "split": "train800",
+                          "num_classes": NUM_CLASSES, "batch_size": 4, "num_workers": 0,
+                          "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+        },
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path

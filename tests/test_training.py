@@ -1,0 +1,225 @@
+"""ViTClassifier: backbone creation, optimiser groups, schedule, slim checkpoints, resume."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from safetensors.torch import load_file
+
+from _training_helpers import (BACKBONE, BACKBONE_KWARGS, NUM_CLASSES, TASK, make_backbone_file,
+                               make_toy_task)
+from wegeft_vision import FullFinetuneConfig, LinearProbeConfig, LoRAConfig, WeGeFTConfig
+from wegeft_vision.data import VTAB1kDataModule
+from wegeft_vision.training import ViTClassifier, WarmupCosine, build_adamw, create_backbone
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("training")
+    make_toy_task(root / "data")
+    return {"data": root / "data",
+            "weights": make_backbone_file(root / "backbone.safetensors", seed=0),
+            "other_weights": make_backbone_file(root / "other.safetensors", seed=1),
+            "deeper_weights": make_backbone_file(root / "deeper.safetensors", depth=3)}
+
+
+def tiny_model(weights: Path, **kwargs) -> ViTClassifier:
+    args = dict(backbone=BACKBONE, num_classes=NUM_CLASSES, checkpoint_path=str(weights),
+                backbone_kwargs=BACKBONE_KWARGS, adapter=WeGeFTConfig(rank=4, targets="all"),
+                drop_path_rate=0.0, lr=0.01, weight_decay=0.01, warmup_epochs=1.0, min_lr=1e-3)
+    return ViTClassifier(**{**args, **kwargs})
+
+
+def toy_data(files: dict[str, Path], batch_size: int = 12) -> VTAB1kDataModule:
+    return VTAB1kDataModule(str(files["data"]), TASK, split="train800", num_classes=NUM_CLASSES,
+                            batch_size=batch_size, num_workers=0, image_size=32,
+                            mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def trainer(tmp_path: Path, max_epochs: int, **kwargs) -> L.Trainer:
+    return L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False,
+                     enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="last")],
+                     num_sanity_val_steps=0, **kwargs)
+
+
+# Schedule and optimiser.
+def test_warmup_cosine_values_and_lambda_lr() -> None:
+    schedule = WarmupCosine(lr=1e-3, warmup_lr=1e-7, min_lr=1e-6, warmup_steps=10,
+                            total_steps=110)
+    expected = {0: 1e-7, 5: 1e-7 + (1e-3 - 1e-7) / 2, 10: 1e-3,
+                60: 1e-6 + (1e-3 - 1e-6) / 2,  # half-way through the cosine
+                35: 1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi / 4)), 110: 1e-6}
+    for step, lr in expected.items():
+        assert schedule.learning_rate(step) == pytest.approx(lr, rel=1e-9), step
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    seen = []
+    for _ in range(111):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen[0] == pytest.approx(1e-7) and seen[10] == pytest.approx(1e-3)
+    assert seen[110] == pytest.approx(1e-6)
+    assert all(a <= b for a, b in zip(seen[:10], seen[1:11]))
+    assert all(a >= b for a, b in zip(seen[10:], seen[11:]))
+    with pytest.raises(ValueError, match="warmup_steps <= total_steps"):
+        WarmupCosine(lr=1e-3, warmup_lr=0, min_lr=0, warmup_steps=5, total_steps=4)
+
+
+@pytest.mark.parametrize("adapter, trainable_prefixes", [
+    (WeGeFTConfig(rank=4, targets="all"), ("adapter.", "head.")),
+    (LoRAConfig(rank=2), ("adapter.", "head.")),
+    (LinearProbeConfig(), ("head.",)),
+    (FullFinetuneConfig(), ("",)),
+])
+def test_adamw_decays_matrices_only(files: dict[str, Path], adapter, trainable_prefixes) -> None:
+    model = tiny_model(files["weights"], adapter=adapter).model
+    optimizer = build_adamw(model, lr=1e-3, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] for p in g["params"]}
+    kept = {names[id(p)] for g in optimizer.param_groups if not g["weight_decay"]
+            for p in g["params"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | kept == trainable and not decayed & kept
+    assert all(n.startswith(trainable_prefixes) for n in trainable)
+    params = dict(model.named_parameters())
+    assert decayed and all(params[n].ndim >= 2 for n in decayed)
+    assert all(params[n].ndim <= 1 or n.endswith(".bias") or n in ("pos_embed", "cls_token")
+               for n in kept)
+    assert "head.bias" in kept and "head.weight" in decayed
+    assert optimizer.defaults["betas"] == (0.9, 0.999) and optimizer.defaults["eps"] == 1e-8
+
+
+# Backbone creation and its errors.
+def test_local_weights_are_loaded_in_every_format(files: dict[str, Path], tmp_path: Path) -> None:
+    saved = load_file(str(files["weights"]))
+    pth = tmp_path / "backbone.pth"
+    torch.save(saved, pth)
+    for path in (files["weights"], pth):
+        model = create_backbone(BACKBONE, 3, checkpoint_path=path, backbone_kwargs=BACKBONE_KWARGS)
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in saved.items())
+        assert state["head.weight"].shape == (3, BACKBONE_KWARGS["embed_dim"])
+
+
+def test_random_backbone_is_reproducible_from_init_seed() -> None:
+    first, second, other = (create_backbone(BACKBONE, 3, pretrained=False, init_seed=seed,
+                                            backbone_kwargs=BACKBONE_KWARGS) for seed in (0, 0, 1))
+    assert torch.equal(first.blocks[0].attn.qkv.weight, second.blocks[0].attn.qkv.weight)
+    assert not torch.equal(first.blocks[0].attn.qkv.weight, other.blocks[0].attn.qkv.weight)
+
+
+@pytest.mark.parametrize("name, kwargs, error, match", [
+    ("vit_bse_patch16_224", {}, ValueError,
+     r"unknown timm backbone 'vit_bse_patch16_224'; did you mean .*vit_base_patch16_224"),
+    ("vit_base_patch16_224.augreg_in21", {"pretrained": True}, ValueError,
+     r"no pretrained weights 'vit_base_patch16_224.augreg_in21'; did you mean "
+     r".*vit_base_patch16_224.augreg_in21k"),
+    (BACKBONE, {"checkpoint_path": "missing/weights.safetensors"}, FileNotFoundError,
+     r"checkpoint_path missing/weights.safetensors does not exist"),
+    (BACKBONE, {"backbone_kwargs": {**BACKBONE_KWARGS, "depth_typo": 3}}, ValueError,
+     r"backbone_kwargs .*depth_typo.* do not fit timm model 'vit_tiny_patch16_224'"),
+])
+def test_backbone_errors(name: str, kwargs: dict, error: type, match: str) -> None:
+    kwargs = {"pretrained": False, "backbone_kwargs": BACKBONE_KWARGS, **kwargs}
+    with pytest.raises(error, match=match):
+        create_backbone(name, 3, **kwargs)
+
+
+def test_weights_of_another_architecture_are_refused(files: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"weights .*deeper.safetensors do not fit timm model "
+                                         r"'vit_tiny_patch16_224'.*unexpected blocks.2"):
+        create_backbone(BACKBONE, 3, checkpoint_path=files["deeper_weights"],
+                        backbone_kwargs=BACKBONE_KWARGS)
+    text = tmp_path / "weights.txt"
+    text.write_text("not weights")
+    with pytest.raises(ValueError, match=r"weights.txt has suffix '.txt'; expected one of .npz"):
+        create_backbone(BACKBONE, 3, checkpoint_path=text, backbone_kwargs=BACKBONE_KWARGS)
+
+
+# Slim checkpoints, resuming, and loading into the wrong model.
+class Crash(Callback):
+    """Fails as the second epoch starts, after the first epoch's checkpoint was written."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch == 1:
+            raise RuntimeError("simulated crash")
+
+
+def fit(files: dict[str, Path], tmp_path: Path, max_epochs: int, ckpt_path=None,
+        crash: bool = False) -> tuple[ViTClassifier, L.Trainer]:
+    L.seed_everything(0)
+    model = tiny_model(files["weights"])
+    run = trainer(tmp_path, max_epochs)
+    if crash:
+        run.callbacks.append(Crash())
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run.fit(model, datamodule=toy_data(files))
+    else:
+        run.fit(model, datamodule=toy_data(files), ckpt_path=ckpt_path)
+    return model, run
+
+
+def test_checkpoint_is_slim_and_resume_reproduces_training(files: dict[str, Path],
+                                                          tmp_path: Path) -> None:
+    straight, straight_run = fit(files, tmp_path / "straight", max_epochs=2)
+    fit(files, tmp_path / "first", max_epochs=2, crash=True)
+    checkpoint_file = tmp_path / "first" / "last.ckpt"
+    checkpoint = torch.load(checkpoint_file, weights_only=True)
+    trainable = set(straight.trainable_names())
+    assert set(checkpoint["state_dict"]) == trainable
+    assert not any("blocks" in k and "adapter" not in k for k in checkpoint["state_dict"])
+    assert checkpoint["global_step"] == 1 and checkpoint["epoch"] == 0
+    frozen_bytes = sum(v.numel() * v.element_size() for k, v in straight.state_dict().items()
+                       if k not in trainable)
+    assert checkpoint_file.stat().st_size < frozen_bytes / 2
+
+    resumed, resumed_run = fit(files, tmp_path / "resumed", max_epochs=2,
+                               ckpt_path=checkpoint_file)
+    assert resumed_run.global_step == straight_run.global_step == 2
+    live, reference = resumed.state_dict(), straight.state_dict()
+    for name in trainable:
+        torch.testing.assert_close(live[name], reference[name], rtol=1e-5, atol=1e-6)
+    state, reference_state = (run.optimizers[0].state_dict()["state"]
+                              for run in (resumed_run, straight_run))
+    for index, moments in reference_state.items():
+        torch.testing.assert_close(state[index]["exp_avg_sq"], moments["exp_avg_sq"],
+                                   rtol=1e-4, atol=1e-10)
+    assert (resumed_run.lr_scheduler_configs[0].scheduler.last_epoch
+            == straight_run.lr_scheduler_configs[0].scheduler.last_epoch == 2)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"num_classes": 5}, r"trained with num_classes=6, but this model has num_classes=5"),
+    ({"backbone_kwargs": {**BACKBONE_KWARGS, "depth": 3}, "checkpoint_path": None,
+      "pretrained": False}, r"trained with backbone_kwargs=.*'depth': 2.*this model has "
+                            r"backbone_kwargs=.*'depth': 3"),
+    ({"adapter": LoRAConfig(rank=4)}, r"trained with adapter=WeGeFTConfig.*this model has "
+                                      r"adapter=LoRAConfig"),
+    ({"other_weights": True}, r"was trained on other frozen weights than this model's "
+                              r"vit_tiny_patch16_224 from .*other.safetensors"),
+])
+def test_loading_into_a_different_model_is_refused(files: dict[str, Path], tmp_path: Path,
+                                                   overrides: dict, match: str) -> None:
+    fit(files, tmp_path, max_epochs=1)
+    if overrides.pop("other_weights", False):
+        overrides["checkpoint_path"] = str(files["other_weights"])
+    with pytest.raises(ValueError, match=match):
+        ViTClassifier.from_checkpoint(tmp_path / "last.ckpt", **overrides)
+
+
+def test_trainer_test_refuses_mismatching_checkpoint_before_testing(files: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+    fit(files, tmp_path, max_epochs=1)
+    model = tiny_model(files["other_weights"])
+    run = trainer(tmp_path, 1)
+    with pytest.raises(ValueError, match=r"checkpoint .*last.ckpt was trained on other frozen"):
+        run.test(model, datamodule=toy_data(files), ckpt_path=tmp_path / "last.ckpt")
+    assert "test/acc" not in run.callback_metrics
