@@ -7,11 +7,14 @@ import json
 import math
 import re
 import statistics
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/_data_helpers.py
 
 from wegeft_vision.protocols import (PAPER_GRID, ProtocolRunner, RunKey, RunRecord, expand_grid,
                                      fewshot_table, fgvc_table, parse_grid, ppt_score,
@@ -254,3 +257,212 @@ def test_summary_files_from_synthetic_records(tmp_path):
     assert "### VTAB-1k top-1 accuracy (%)" in summary
     assert "### Few-shot FGVC" in summary
     assert "broken.json" in summary and len(results.problems) == 1
+
+
+# --- the whole chain on tiny data ---------------------------------------------------------
+
+TINY_CONFIG = """\
+trainer:
+  accelerator: cpu
+  devices: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  log_every_n_steps: 1
+model:
+  backbone: vit_tiny_patch16_224
+  pretrained: false
+  backbone_kwargs: {img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}
+  adapter:
+    class_path: wegeft_vision.WeGeFTConfig
+    init_args: {rank: 4, targets: [attn.proj]}
+  drop_path_rate: 0.0
+  warmup_epochs: 0
+data:
+  init_args:
+    batch_size: 16
+    image_size: 32
+    mean: [0.5, 0.5, 0.5]
+    std: [0.5, 0.5, 0.5]
+    num_workers: 0
+"""
+# WeGeFT r=4 on attn.proj, one generator shared by both blocks: 2 * d_in * r = 2 * 32 * 4.
+TINY_TRAINABLE = 256
+
+
+def tiny_backbone_params() -> int:
+    import timm
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
+                              patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _ten_classes(n: int) -> list[int]:
+    return [i % 10 for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """VTAB-1k (search 2x1 -> 2 seeds), FGVC (search 2x1 -> 1 seed), few-shot (2 shots x 2
+    seeds) on tiny data through the real training CLI, then the summary."""
+    from _data_helpers import make_fewshot, make_fgvc, make_vtab_task
+    from wegeft_vision.protocols import runner, sweep
+    from wegeft_vision.protocols.report import main as summarize
+
+    base = tmp_path_factory.mktemp("chain")
+    config = base / "tiny.yaml"
+    config.write_text(TINY_CONFIG)
+    vtab_root, fgvc_root, fewshot_root = base / "vtab", base / "fgvc", base / "fewshot"
+    for task in ("eurosat", "svhn"):
+        make_vtab_task(vtab_root, task, {"train800": _ten_classes(20), "val200": _ten_classes(10),
+                                         "test": _ten_classes(10)}, size=(32, 32))
+    make_fgvc(fgvc_root / "OxfordFlowers", ".", {
+        "train": {f"jpg/image_{i:05d}.jpg": i + 1 for i in range(102)},
+        "val": {f"jpg/image_{i:05d}.jpg": i % 102 + 1 for i in range(102, 112)},
+        "test": {f"jpg/image_{i:05d}.jpg": i % 102 + 1 for i in range(112, 122)}})
+    pets = list(range(37))
+    make_fewshot(fewshot_root, "oxford_pets", "images", {
+        **{f"train_meta.list.num_shot_{k}.seed_{s}": pets * k for k in (1, 2) for s in (0, 1)},
+        "val_meta.list": pets[:8], "test_meta.list": pets[:12]})
+    out = base / "results"
+    common = ["--method", "wegeft", f"--config={config}", "--out", str(out),
+              "--search-epochs", "1", "--final-epochs", "1"]
+    # VTAB-1k through the run_protocol command line; `--` passes arguments to the training CLI.
+    assert runner.main(["--benchmark", "vtab", "--data-root", str(vtab_root), "--task", "eurosat",
+                        "--grid", "model.lr=1e-3,3e-2", "--grid", "model.weight_decay=0",
+                        "--seeds", "0,1", *common, "--", "--data.num_classes=10"]) == 0
+    fgvc = runner.ProtocolRunner(out, fgvc_root, "fgvc", "wegeft", configs=[config],
+                                 grid={"model.lr": [1e-3, 3e-2], "model.weight_decay": [0.0]},
+                                 search_epochs=1, final_epochs=1)
+    fgvc_result = fgvc.run(runner.resolve_task("fgvc", "flowers"))
+    assert sweep.main(["--benchmark", "fewshot", "--data-root", str(fewshot_root),
+                       "--tasks", "oxford_pets", "--shots", "1,2", "--seeds", "0,1", *common,
+                       "--", "--data.num_classes=37"]) == 0
+    assert summarize([str(out), "--published"]) == 0
+    return {"out": out, "vtab_root": vtab_root, "config": config, "fgvc": fgvc,
+            "fgvc_result": fgvc_result, "common": common}
+
+
+def test_chain_search_picks_the_best_and_final_runs_use_it(chain):
+    results = read_results(chain["out"] / "records")
+    assert results.problems == []
+    vtab = [r for r in results.records if r.benchmark == "vtab"]
+    search = sorted((r for r in vtab if r.phase == "search"), key=lambda r: r.hparams["model.lr"])
+    final = sorted((r for r in vtab if r.phase == "final"), key=lambda r: r.seed)
+    assert [r.hparams for r in search] == [{"model.lr": 1e-3, "model.weight_decay": 0},
+                                           {"model.lr": 3e-2, "model.weight_decay": 0}]
+    # Highest val accuracy wins; a tie goes to the first grid point (lr 1e-3).
+    best = search[1] if search[1].val_acc > search[0].val_acc else search[0]
+    assert [r.seed for r in final] == [0, 1]
+    assert all(r.hparams == best.hparams and r.task == "eurosat" for r in final)
+    backbone = tiny_backbone_params()
+    for record in vtab:
+        accuracy = record.val_acc if record.phase == "search" else record.test_acc
+        assert record.epochs == 1 and 0.0 <= accuracy <= 1.0
+        assert record.trainable_params == TINY_TRAINABLE and record.backbone_params == backbone
+        assert record.head_params == 32 * 10 + 10
+        assert record.adapter["method"] == "wegeft" and record.adapter["rank"] == 4
+        assert record.versions["timm"] and record.versions["torch"]
+        assert record.memory_kind == "process_peak_rss" and record.peak_memory_mb > 10
+        assert record.wall_time_s > 0 and record.config_digest
+    assert all(r.test_acc is None for r in search) and all(r.test_acc is not None for r in final)
+    fgvc = chain["fgvc_result"]
+    assert len(fgvc.search) == 2 and len(fgvc.final) == 1 and fgvc.executed == 3
+    assert fgvc.final[0].task == "OxfordFlowers" and fgvc.final[0].head_params == 32 * 102 + 102
+    fewshot = sorted((r.shots, r.seed) for r in results.records if r.benchmark == "fewshot")
+    assert fewshot == [(1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def test_chain_rerun_does_no_work(chain, monkeypatch):
+    from wegeft_vision import cli
+    from wegeft_vision.protocols import runner
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(cli, "cli_main", no_training)
+    records = sorted((chain["out"] / "records").rglob("*.json"))
+    before = {p: p.stat().st_mtime_ns for p in records}
+    assert chain["fgvc"].run(runner.resolve_task("fgvc", "OxfordFlowers")).executed == 0
+    assert runner.main(["--benchmark", "vtab", "--data-root", str(chain["vtab_root"]),
+                        "--task", "eurosat", "--grid", "model.lr=1e-3,3e-2",
+                        "--grid", "model.weight_decay=0", "--seeds", "0,1", *chain["common"],
+                        "--", "--data.num_classes=10"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in records} == before
+
+
+def test_chain_tables_and_plots(chain):
+    summary_dir = chain["out"] / "summary"
+    records = read_results(chain["out"] / "records").records
+    finals = {(r.benchmark, r.task): [] for r in records if r.phase == "final"}
+    for r in records:
+        if r.phase == "final":
+            finals[(r.benchmark, r.task)].append(100 * r.test_acc)
+    rows = {row["Method"]: row for row in csv.DictReader((summary_dir / "vtab.csv").open())}
+    eurosat = statistics.fmean(finals[("vtab", "eurosat")])
+    assert float(rows["wegeft"]["eurosat"]) == pytest.approx(eurosat)
+    # One Specialized task done: the group mean and the overall mean are that task's accuracy.
+    assert float(rows["wegeft"]["Specialized"]) == pytest.approx(eurosat)
+    assert float(rows["wegeft"]["Mean"]) == pytest.approx(eurosat)
+    assert rows["wegeft"]["Natural"] == ""
+    assert float(rows["wegeft"]["Params (%)"]) == pytest.approx(
+        100 * TINY_TRAINABLE / tiny_backbone_params())
+    assert "WeGeFT (published)" in rows
+    fgvc_rows = {row["Method"]: row for row in csv.DictReader((summary_dir / "fgvc.csv").open())}
+    assert float(fgvc_rows["wegeft"]["OxfordFlowers"]) == pytest.approx(
+        finals[("fgvc", "OxfordFlowers")][0])
+    fewshot = list(csv.DictReader((summary_dir / "fewshot.csv").open()))
+    assert [(r["dataset"], r["shots"], r["seeds"]) for r in fewshot] == [
+        ("oxford_pets", "1", "2"), ("oxford_pets", "2", "2")]
+    summary = (summary_dir / "summary.md").read_text()
+    assert "wegeft: mean over 1 of 19 tasks" in summary
+    for name in ("vtab_tasks", "vtab_params", "fgvc_tasks", "fgvc_params", "fewshot_shots"):
+        _assert_png(summary_dir / f"{name}.png")
+
+
+def test_sweep_pins_each_process_to_a_device(chain, tmp_path):
+    from wegeft_vision.protocols import sweep
+
+    out = tmp_path / "sweep"
+    args = ["--benchmark", "vtab", "--data-root", str(chain["vtab_root"]), "--method", "probe",
+            f"--config={chain['config']}", "--out", str(out), "--tasks", "eurosat,svhn",
+            "--no-search", "--final-epochs", "1", "--devices", "7,9",
+            "--", "--data.num_classes=10", "--model.adapter=wegeft_vision.LinearProbeConfig"]
+    assert sweep.main(args) == 0
+    finals = read_results(out / "records").records
+    assert sorted(r.task for r in finals) == ["eurosat", "svhn"]
+    assert all(r.trainable_params == 0 and r.hparams == {} for r in finals)
+    logs = sorted((out / "logs").glob("*.log"))
+    assert [p.name for p in logs] == ["vtab_probe_eurosat.log", "vtab_probe_svhn.log"]
+    devices = {line.rsplit("=", 1)[1] for p in logs for line in p.read_text().splitlines()
+               if "CUDA_VISIBLE_DEVICES=" in line}
+    assert devices == {"7", "9"}
+
+
+def test_runner_rejects_bad_input_before_training(chain, tmp_path, capsys):
+    from wegeft_vision.protocols import runner
+
+    def make(**kwargs):
+        args = dict(out_dir=tmp_path, data_root=chain["vtab_root"], benchmark="vtab",
+                    method="wegeft", configs=[chain["config"]])
+        return runner.ProtocolRunner(**(args | kwargs))
+
+    with pytest.raises(ValueError, match="override '--model.lr=1' sets 'model.lr', which the "
+                                         "search grid varies"):
+        make(grid={"model.lr": [1e-3]}, overrides=["--model.lr=1"])
+    with pytest.raises(ValueError, match="'trainer.max_epochs', which the protocol controls"):
+        make(overrides=["--trainer.max_epochs=3"])
+    with pytest.raises(ValueError, match="grid parameter 'model.lr' has no values"):
+        make(grid={"model.lr": []})
+    with pytest.raises(FileNotFoundError, match="config file .*missing.yaml does not exist"):
+        make(configs=[tmp_path / "missing.yaml"])
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        make(seeds=[0, 0])
+    with pytest.raises(SystemExit):
+        runner.main(["--benchmark", "vtab", "--data-root", str(chain["vtab_root"]),
+                     "--task", "eurosta", "--method", "wegeft", "--out", str(tmp_path)])
+    assert "unknown VTAB-1k task 'eurosta' (did you mean 'eurosat'?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        runner.main(["--benchmark", "vtab", "--data-root", str(chain["vtab_root"]),
+                     "--task", "eurosat", "--method", "wegeft", "--out", str(tmp_path),
+                     "--grid", "model.lr="])
+    assert "grid parameter 'model.lr' has no values" in capsys.readouterr().err

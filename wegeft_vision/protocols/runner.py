@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import os
 import platform
 import resource
 import sys
@@ -28,9 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from torch import nn
 
-from ..adapters import ParameterCount, count_parameters, get_adapter
+from ..adapters import ParameterCount
 from ..data import registry
 from .grid import PAPER_GRID, Grid, check_grid, expand_grid, parse_grid
 from .records import (HParamValue, PathLike, RunKey, RunRecord, read_record,
@@ -49,13 +49,16 @@ class Protocol:
     search_epochs: int
     final_epochs: int
     search_by_default: bool
+    default_seeds: tuple[int, ...]
 
 
 PROTOCOLS: dict[str, Protocol] = {
-    "vtab": Protocol("vtab", "VTAB-1k", "wegeft_vision.data.VTAB1kDataModule", 50, 100, True),
-    "fgvc": Protocol("fgvc", "FGVC", "wegeft_vision.data.FGVCDataModule", 25, 100, True),
+    "vtab": Protocol("vtab", "VTAB-1k", "wegeft_vision.data.VTAB1kDataModule", 50, 100, True,
+                     (0,)),
+    "fgvc": Protocol("fgvc", "FGVC", "wegeft_vision.data.FGVCDataModule", 25, 100, True,
+                     (0,)),
     "fewshot": Protocol("fewshot", "few-shot FGVC", "wegeft_vision.data.FewShotDataModule",
-                        50, 100, False),
+                        50, 100, False, registry.FEWSHOT_SEEDS),
 }
 
 
@@ -119,15 +122,21 @@ class RunSpec:
     run_dir: Path
     test: bool
 
-    def cli_args(self, subcommand: str) -> list[str]:
-        args = [subcommand] + [f"--config={c}" for c in self.configs]
+    def cli_args(self) -> list[str]:
+        """``fit`` arguments; final runs also test the last epoch's weights (test_after_fit)."""
+        args = ["fit"] + [f"--config={c}" for c in self.configs]
         args += [f"--data={self.data_class}"]
         args += [f"--data.{k}={_cli_value(v)}" for k, v in self.data_args.items()]
         args += self.overrides
         args += [f"--{k}={_cli_value(v)}" for k, v in self.key.hparams]
+        # Each run's logs and checkpoints go to its own folder, whatever the configs say.
         args += [f"--trainer.max_epochs={self.epochs}",
+                 f"--seed_everything={self.key.seed}",
                  f"--trainer.default_root_dir={self.run_dir}",
-                 f"--seed_everything={self.key.seed}"]
+                 "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                 f"--trainer.logger.save_dir={self.run_dir}", "--trainer.logger.name=logs",
+                 f"--checkpoint.dirpath={self.run_dir / 'checkpoints'}",
+                 f"--test_after_fit={_cli_value(self.test)}"]
         return args
 
 
@@ -153,14 +162,6 @@ class RunOutcome:
 Executor = Callable[[RunSpec], RunOutcome]
 
 
-def find_backbone(module: nn.Module) -> nn.Module:
-    """The timm model inside a LightningModule (the first submodule with a classifier head)."""
-    for sub in module.modules():
-        if sub is not module and callable(getattr(sub, "get_classifier", None)):
-            return sub
-    raise ValueError(f"{type(module).__name__} holds no timm model (nothing has get_classifier)")
-
-
 def _metric(metrics: dict[str, Any], name: str, spec: RunSpec) -> float:
     if name not in metrics:
         raise RuntimeError(f"run {spec.key.describe()} logged no {name!r} "
@@ -169,25 +170,17 @@ def _metric(metrics: dict[str, Any], name: str, spec: RunSpec) -> float:
 
 
 def cli_executor(spec: RunSpec) -> RunOutcome:
-    """Run ``spec`` through the training CLI: fit, then (final runs) test the fitted model."""
-    from ..cli import cli_main  # the CLI imports Lightning's CLI machinery: load it on demand
+    """Run ``spec`` through the training CLI (``wegeft_vision.cli.cli_main``)."""
+    from ..cli import cli_main  # loads Lightning's CLI machinery: only when a run happens
 
-    cli = cli_main(spec.cli_args("fit"))
+    cli = cli_main(spec.cli_args())
     metrics = dict(cli.trainer.callback_metrics)
-    val_acc = _metric(metrics, "val/acc", spec) if not spec.test else metrics.get("val/acc")
-    epochs = cli.trainer.current_epoch
-    backbone = find_backbone(cli.model)
-    params = count_parameters(backbone)
-    adapter = get_adapter(backbone)
-    test_acc = None
-    if spec.test:
-        # The paper reports top-1 at the last epoch: test the weights fit() ended with, in
-        # this process, rather than a checkpoint chosen by some monitor.
-        cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
-        test_acc = _metric(dict(cli.trainer.callback_metrics), "test/acc", spec)
-    return RunOutcome(val_acc=None if val_acc is None else float(val_acc), test_acc=test_acc,
-                      epochs=epochs, params=params,
-                      adapter=adapter.config.to_dict() if adapter is not None else {})
+    val_acc = _metric(metrics, "val/acc", spec) if spec.key.phase == "search" else \
+        metrics.get("val/acc")
+    return RunOutcome(val_acc=None if val_acc is None else float(val_acc),
+                      test_acc=_metric(metrics, "test/acc", spec) if spec.test else None,
+                      epochs=cli.trainer.current_epoch, params=cli.model.parameter_count(),
+                      adapter=cli.model.adapter_config.to_dict())
 
 
 def library_versions() -> dict[str, str]:
@@ -223,7 +216,20 @@ class ProtocolResult:
     executed: int
 
 
-RUNNER_CONTROLLED = ("data", "trainer.max_epochs", "trainer.default_root_dir", "seed_everything")
+CHECKPOINT_POLICIES = ("final", "all", "none")
+_DATA_KEYS = ("class_path", "root", "task", "split", "dataset", "use_val_for_train", "shots",
+              "seed")
+# CLI arguments the protocol sets itself: overrides and grids may not touch them (or what is
+# below them, e.g. trainer.logger.save_dir).
+RUNNER_CONTROLLED = ("data", *(f"data.{k}" for k in _DATA_KEYS),
+                     *(f"data.init_args.{k}" for k in _DATA_KEYS), "config",
+                     "trainer.max_epochs", "trainer.default_root_dir", "seed_everything",
+                     "trainer.logger", "checkpoint.dirpath", "test_after_fit")
+
+
+def _controlled(name: str) -> bool:
+    return any(name == c or (name.startswith(c + ".") and not c.startswith("data"))
+               for c in RUNNER_CONTROLLED)
 
 
 class ProtocolRunner:
@@ -240,7 +246,8 @@ class ProtocolRunner:
         seeds: seeds of the final runs (the search uses the first).
         search_epochs / final_epochs: None for the protocol's defaults.
         final_with_val: FGVC only: the final runs train on train + val.
-        keep_checkpoints: keep each run's Lightning checkpoints (they can be large).
+        checkpoints: which runs keep their Lightning checkpoints: "final" (default), "all" or
+            "none" (a full fine-tuning checkpoint is the whole model; search runs need none).
         force: re-run even when a record exists.
         executor: runs one RunSpec; the default drives the training CLI.
     """
@@ -249,7 +256,7 @@ class ProtocolRunner:
                  configs: Sequence[PathLike] = (), overrides: Sequence[str] = (),
                  grid: Optional[Grid] = None, seeds: Sequence[int] = (0,),
                  search_epochs: Optional[int] = None, final_epochs: Optional[int] = None,
-                 final_with_val: bool = False, keep_checkpoints: bool = False,
+                 final_with_val: bool = False, checkpoints: str = "final",
                  force: bool = False, executor: Executor = cli_executor) -> None:
         self.protocol = get_protocol(benchmark)
         self.out_dir = Path(out_dir)
@@ -280,7 +287,10 @@ class ProtocolRunner:
         if final_with_val and benchmark != "fgvc":
             raise ValueError("final_with_val applies to FGVC only")
         self.final_with_val = final_with_val
-        self.keep_checkpoints = keep_checkpoints
+        if checkpoints not in CHECKPOINT_POLICIES:
+            raise ValueError(f"checkpoints must be one of {CHECKPOINT_POLICIES}, "
+                             f"got {checkpoints!r}")
+        self.checkpoints = checkpoints
         self.force = force
         self.executor = executor
         self.config_digest = self._digest()
@@ -291,13 +301,16 @@ class ProtocolRunner:
 
     def _check_overrides(self) -> None:
         grid_names = set(self.grid or {})
+        for name in grid_names:
+            if _controlled(name):
+                raise ValueError(f"the search grid varies {name!r}, which the protocol controls")
         for arg in self.overrides:
             name = arg.lstrip("-").split("=", 1)[0]
             if not arg.startswith("--") or "=" not in arg:
                 raise ValueError(f"override {arg!r} must look like --model.lr=1e-3")
             if name in grid_names:
                 raise ValueError(f"override {arg!r} sets {name!r}, which the search grid varies")
-            if any(name == c or name.startswith(c + ".") for c in RUNNER_CONTROLLED):
+            if _controlled(name):
                 raise ValueError(f"override {arg!r} sets {name!r}, which the protocol controls "
                                  "(use the data root, task, epochs and seeds options instead)")
 
@@ -362,9 +375,9 @@ class ProtocolRunner:
             memory_kind=memory_kind, finished_at=datetime.now(timezone.utc).isoformat(),
             versions=library_versions(), adapter=outcome.adapter,
             config_files=[str(c) for c in self.configs], config_digest=self.config_digest,
-            cli_args=spec.cli_args("fit"))
+            cli_args=spec.cli_args())
         path = write_record(self.records_dir, record)
-        if not self.keep_checkpoints:
+        if self.checkpoints == "none" or (self.checkpoints == "final" and key.phase == "search"):
             for checkpoint in spec.run_dir.rglob("*.ckpt"):
                 checkpoint.unlink()
         logger.info("wrote %s (val %s, test %s, %.1f s)", path, record.val_acc,
@@ -432,15 +445,17 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
                              "(the default for fewshot)")
     parser.add_argument("--search", action="store_true",
                         help="do the search for fewshot too")
-    parser.add_argument("--seeds", default="0", help="seeds of the final runs, e.g. 0,1,2")
+    parser.add_argument("--seeds", default=None,
+                        help="seeds of the final runs, e.g. 0,1,2 (default: 0; fewshot: 0,1,2, "
+                             "which also pick the few-shot training lists)")
     parser.add_argument("--search-epochs", type=int, default=None,
                         help="epochs of a search run (default: vtab 50, fgvc 25, fewshot 50)")
     parser.add_argument("--final-epochs", type=int, default=None,
                         help="epochs of a final run (default 100)")
     parser.add_argument("--final-with-val", action="store_true",
                         help="fgvc: final runs train on train + val")
-    parser.add_argument("--keep-checkpoints", action="store_true",
-                        help="keep Lightning checkpoints of every run (deleted by default)")
+    parser.add_argument("--checkpoints", choices=CHECKPOINT_POLICIES, default="final",
+                        help="which runs keep their Lightning checkpoints (default: final)")
     parser.add_argument("--force", action="store_true", help="re-run runs that have a record")
 
 
@@ -452,10 +467,11 @@ def runner_from_args(args: argparse.Namespace, executor: Executor = cli_executor
     grid = (parse_grid(args.grid) if args.grid is not None else PAPER_GRID) if search else None
     return ProtocolRunner(out_dir=args.out, data_root=args.data_root, benchmark=args.benchmark,
                           method=args.method, configs=args.configs, overrides=args.overrides,
-                          grid=grid, seeds=parse_ints(args.seeds, "--seeds"),
+                          grid=grid, seeds=(parse_ints(args.seeds, "--seeds") if args.seeds
+                                            else PROTOCOLS[args.benchmark].default_seeds),
                           search_epochs=args.search_epochs, final_epochs=args.final_epochs,
                           final_with_val=args.final_with_val,
-                          keep_checkpoints=args.keep_checkpoints, force=args.force,
+                          checkpoints=args.checkpoints, force=args.force,
                           executor=executor)
 
 
@@ -505,6 +521,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runner = runner_from_args(args)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
+    logger.info("%s on %s, CUDA_VISIBLE_DEVICES=%s", task, platform.node(),
+                os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"))
     result = runner.run(task)
     accs = ", ".join(f"{100 * r.test_acc:.2f}" for r in result.final)
     print(f"{task} {runner.method}: best {result.best or 'configs as given'}; test acc "

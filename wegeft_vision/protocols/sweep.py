@@ -60,13 +60,15 @@ def _job_argv(args: argparse.Namespace, task: TaskRef) -> list[str]:
     """The run_protocol command line for one task, rebuilt from the sweep's options."""
     argv = [sys.executable, "-m", "wegeft_vision.protocols.runner",
             "--benchmark", args.benchmark, "--data-root", str(args.data_root),
-            "--method", args.method, "--out", str(args.out), "--task", task.task,
-            "--seeds", args.seeds]
+            "--method", args.method, "--out", str(args.out), "--task", task.task]
+    if args.seeds:
+        argv += ["--seeds", args.seeds]
     if task.shots is not None:
         argv += ["--shots", str(task.shots)]
     argv += [f"--config={c}" for c in args.configs]
     argv += [f"--grid={g}" for g in args.grid or []]
-    for flag in ("no_search", "search", "final_with_val", "keep_checkpoints", "force"):
+    argv += ["--checkpoints", args.checkpoints]
+    for flag in ("no_search", "search", "final_with_val", "force"):
         if getattr(args, flag):
             argv.append("--" + flag.replace("_", "-"))
     for option in ("search_epochs", "final_epochs"):
