@@ -146,6 +146,11 @@ def test_fgvc_missing_images(tmp_path):
                        r"2 image files do not exist: .*011.Bird_11/test.jpg \(.*test.json, key "
                        r"'011.Bird_11/test.jpg'\)$"):
         FGVCDataModule(folder, "cub").setup("test")
+    (folder / "images").rename(folder / "pictures")
+    with pytest.raises(FileNotFoundError, match=r"FGVC dataset 'CUB_200_2011' image folder "
+                       r".*CUB_200_2011/images does not exist; .* holds: pictures/, test.json, "
+                       r"train.json, val.json"):
+        FGVCDataModule(folder, "cub").setup("test")
 
 
 def fewshot_lists(shots=2, seed=1):
@@ -239,7 +244,10 @@ def test_loader_defaults(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unknown timm model 'vit_base_patch16_22' "
                        r"\(did you mean 'vit_base_patch16_224'\?\)"):
         ImageFolderDataModule(tmp_path, backbone="vit_base_patch16_22")
-    with pytest.raises(ValueError, match="unknown interpolation 'cubic'"):
+    with pytest.raises(ValueError, match="unknown interpolation 'cubic'; use one of nearest, "
+                       "nearest-exact, bilinear, bicubic"):
         ImageFolderDataModule(tmp_path, interpolation="cubic")
+    assert ImageFolderDataModule(tmp_path, interpolation="BILINEAR").data_config.interpolation \
+        == "bilinear"
     with pytest.raises(ValueError, match=r"mean must hold 3 values"):
         ImageFolderDataModule(tmp_path, mean=(0.5, 0.5))

@@ -33,12 +33,18 @@ class DataConfig:
     interpolation: str
 
 
+# The modes torchvision can resize uint8 tensors with (box, hamming, lanczos are PIL-only).
+TENSOR_INTERPOLATIONS: tuple[InterpolationMode, ...] = (
+    InterpolationMode.NEAREST, InterpolationMode.NEAREST_EXACT, InterpolationMode.BILINEAR,
+    InterpolationMode.BICUBIC)
+
+
 def _interpolation_mode(name: str) -> InterpolationMode:
-    try:
-        return InterpolationMode(name.lower())
-    except ValueError:
-        known = ", ".join(mode.value for mode in InterpolationMode)
-        raise ValueError(f"unknown interpolation {name!r}; use one of {known}") from None
+    for mode in TENSOR_INTERPOLATIONS:
+        if mode.value == name.lower():
+            return mode
+    known = ", ".join(mode.value for mode in TENSOR_INTERPOLATIONS)
+    raise ValueError(f"unknown interpolation {name!r}; use one of {known}")
 
 
 def _triple(value: Optional[tuple[float, ...]], name: str) -> Optional[Triple]:
@@ -70,14 +76,12 @@ def backbone_data_config(backbone: Optional[str] = None, image_size: Optional[in
         cfg = timm.models.get_pretrained_cfg(backbone)
         pretrained_cfg = None if cfg is None else cfg.to_dict()
     optional_int(image_size, "image_size", 1)
-    if interpolation is not None:
-        _interpolation_mode(interpolation)
     args = {"img_size": image_size, "mean": _triple(mean, "mean"), "std": _triple(std, "std"),
             "interpolation": interpolation}
     resolved = resolve_data_config(args, pretrained_cfg=pretrained_cfg)
     _, height, width = resolved["input_size"]
     return DataConfig((int(height), int(width)), tuple(resolved["mean"]),  # type: ignore[arg-type]
-                      tuple(resolved["std"]), str(resolved["interpolation"]))
+                      tuple(resolved["std"]), _interpolation_mode(resolved["interpolation"]).value)
 
 
 @dataclass(frozen=True)
