@@ -44,7 +44,6 @@ class Protocol:
     """How one benchmark is run: data module, splits per phase, epochs per phase."""
 
     benchmark: str
-    title: str
     data_class: str
     search_epochs: int
     final_epochs: int
@@ -53,12 +52,10 @@ class Protocol:
 
 
 PROTOCOLS: dict[str, Protocol] = {
-    "vtab": Protocol("vtab", "VTAB-1k", "wegeft_vision.data.VTAB1kDataModule", 50, 100, True,
-                     (0,)),
-    "fgvc": Protocol("fgvc", "FGVC", "wegeft_vision.data.FGVCDataModule", 25, 100, True,
-                     (0,)),
-    "fewshot": Protocol("fewshot", "few-shot FGVC", "wegeft_vision.data.FewShotDataModule",
-                        50, 100, False, registry.FEWSHOT_SEEDS),
+    "vtab": Protocol("vtab", "wegeft_vision.data.VTAB1kDataModule", 50, 100, True, (0,)),
+    "fgvc": Protocol("fgvc", "wegeft_vision.data.FGVCDataModule", 25, 100, True, (0,)),
+    "fewshot": Protocol("fewshot", "wegeft_vision.data.FewShotDataModule", 50, 100, False,
+                        registry.FEWSHOT_SEEDS),
 }
 
 
