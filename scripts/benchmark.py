@@ -42,7 +42,6 @@ class Variant:
     name: str
     model: nn.Module
     optimizer: Optional[torch.optim.Optimizer]
-    input_grad: bool
     context: Callable[[], contextlib.AbstractContextManager]
     trainable: int
 
@@ -85,6 +84,9 @@ def build_variant(name: str, args: argparse.Namespace, device: torch.device) -> 
             param.requires_grad_(False)
         for param in model.get_classifier().parameters():
             param.requires_grad_(True)
+        # The gradient flows through every block down to the token embeddings, the least any
+        # method that adapts every block must do; the image gradient (a conv backward) is not.
+        model.patch_embed.register_forward_hook(lambda module, inputs, out: out.requires_grad_())
     elif name.startswith("wegeft"):
         apply_adapter(model, WeGeFTConfig(rank=args.rank, targets=args.targets))
         _set_recompute(model, name == "wegeft")
@@ -107,7 +109,7 @@ def build_variant(name: str, args: argparse.Namespace, device: torch.device) -> 
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    return Variant(name, model, optimizer, input_grad=name == "floor", context=context,
+    return Variant(name, model, optimizer, context=context,
                    trainable=sum(p.numel() for p in params))
 
 
@@ -125,9 +127,8 @@ def _batch(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor
 
 
 def _forward_loss(variant: Variant, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    inputs = images.detach().requires_grad_(variant.input_grad)
     with variant.context(), _autocast(images.device):
-        return F.cross_entropy(variant.model(inputs).float(), labels)
+        return F.cross_entropy(variant.model(images).float(), labels)
 
 
 def train_step(variant: Variant, images: torch.Tensor, labels: torch.Tensor) -> None:
@@ -143,12 +144,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], None], device: torch.device) -> float:
+def _timed(fn: Callable[[], None], device: torch.device) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of ``fn``."""
     _sync(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def saved_bytes(variant: Variant, images: torch.Tensor, labels: torch.Tensor) -> int:
@@ -224,10 +226,45 @@ def inference_times(args: argparse.Namespace, device: torch.device, reps: int
 
     for rep in range(reps + 1):
         for name, model in models.items():
-            elapsed = _timed(infer(model), device)
+            wall, cpu = _timed(infer(model), device)
             if rep > 0:  # the first round warms up
-                times[name].append(elapsed)
+                times[name].append(cpu if device.type == "cpu" else wall)
     return times
+
+
+def _paired_ratio(times: dict[str, list[float]], name: str, ref: str) -> Optional[float]:
+    if ref not in times:
+        return None
+    return statistics.median(t / r for t, r in zip(times[name], times[ref]))
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def print_table(variants: list[Variant], wall: dict[str, list[float]],
+                cpu: dict[str, list[float]], basis: dict[str, list[float]],
+                memory: dict[str, int], rss: dict[str, Optional[float]], batch_size: int,
+                device: torch.device) -> None:
+    mem_label = "peak allocated" if device.type == "cuda" else "saved activations"
+    columns = ["variant", "trainable params", "s / step", "images / s", "CPU s / step",
+               "x floor", "x LoRA", "x PEFT LoRA", f"{mem_label} (MB)", "x floor", "x LoRA"]
+    if rss:
+        columns.append("step peak RSS (MB)")
+    print("\n| " + " | ".join(columns) + " |\n" + "| --- " * len(columns) + "|")
+    floor_m, lora_m = memory.get("floor"), memory.get("lora")
+    for v in variants:
+        step = statistics.median(wall[v.name])
+        cells = [v.name, f"{v.trainable:,}", f"{step:.3f}", f"{batch_size / step:.1f}",
+                 f"{statistics.median(cpu[v.name]):.3f}",
+                 _fmt(_paired_ratio(basis, v.name, "floor")),
+                 _fmt(_paired_ratio(basis, v.name, "lora")),
+                 _fmt(_paired_ratio(basis, v.name, "peft-lora")),
+                 f"{memory[v.name] / 1e6:.1f}", _fmt_ratio(memory[v.name], floor_m),
+                 _fmt_ratio(memory[v.name], lora_m)]
+        if rss:
+            cells.append("-" if rss[v.name] is None else f"{rss[v.name]:.0f}")
+        print("| " + " | ".join(cells) + " |")
 
 
 def _fmt_ratio(value: Optional[float], ref: Optional[float]) -> str:
@@ -242,7 +279,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--targets", nargs="+", default=["all"],
                         help="layer suffixes or presets (attn, mlp, all)")
-    parser.add_argument("--reps", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--reps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--no-rss", action="store_true", help="skip the per-variant RSS runs")
@@ -272,42 +309,34 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     memory = {v.name: (cuda_peak(v, images, labels) if device.type == "cuda"
                        else saved_bytes(v, images, labels)) for v in variants}
-    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    wall: dict[str, list[float]] = {v.name: [] for v in variants}
+    cpu: dict[str, list[float]] = {v.name: [] for v in variants}
     for rep in range(args.reps + 1):
         for variant in variants:
             elapsed = _timed(lambda: train_step(variant, images, labels), device)
             if rep > 0:  # the first round warms up (allocator, kernels, optimiser state)
-                times[variant.name].append(elapsed)
+                wall[variant.name].append(elapsed[0])
+                cpu[variant.name].append(elapsed[1])
     rss = ({} if args.no_rss or device.type == "cuda"
            else {v.name: measure_rss(v.name, args) for v in variants})
 
-    median = {n: statistics.median(t) for n, t in times.items()}
-    floor_t, lora_t = median.get("floor"), median.get("lora")
-    floor_m, lora_m = memory.get("floor"), memory.get("lora")
-    mem_label = "peak allocated" if device.type == "cuda" else "saved activations"
-    print(f"\n| variant | trainable params | s / step | images / s | x floor | x LoRA | "
-          f"{mem_label} (MB) | x floor | x LoRA |" + (" step peak RSS (MB) |" if rss else ""))
-    print("| --- " * (9 + bool(rss)) + "|")
-    for v in variants:
-        t, m = median[v.name], memory[v.name]
-        row = (f"| {v.name} | {v.trainable:,} | {t:.3f} | {args.batch_size / t:.1f} | "
-               f"{_fmt_ratio(t, floor_t)} | {_fmt_ratio(t, lora_t)} | {m / 1e6:.1f} | "
-               f"{_fmt_ratio(m, floor_m)} | {_fmt_ratio(m, lora_m)} |")
-        if rss:
-            row += f" {rss[v.name]:.0f} |" if rss[v.name] is not None else " - |"
-        print(row)
-
+    # On a shared CPU, process CPU time (one thread) is the stable measure of work; ratios are
+    # medians of per-round ratios, so a slow round slows the reference as much as the variant.
+    basis = cpu if device.type == "cpu" else wall
+    print_table(variants, wall, cpu, basis, memory, rss, args.batch_size, device)
     results = {"args": vars(args), "device": device.type, "threads": torch.get_num_threads(),
-               "step_s": times, "memory_bytes": memory, "peak_rss_mb": rss,
+               "step_wall_s": wall, "step_cpu_s": cpu, "memory_bytes": memory, "peak_rss_mb": rss,
                "trainable": {v.name: v.trainable for v in variants}}
     if not args.no_inference:
         del variants
         inference = inference_times(args, device, args.reps)
-        base = statistics.median(inference["timm (plain)"])
-        print("\n| inference (no grad) | s / batch | images / s | x timm |\n| --- | --- | --- | --- |")
+        unit = "CPU s" if device.type == "cpu" else "s"
+        print(f"\n| inference (no grad) | {unit} / batch | images / s | x timm |\n"
+              "| --- | --- | --- | --- |")
         for name, values in inference.items():
             t = statistics.median(values)
-            print(f"| {name} | {t:.3f} | {args.batch_size / t:.1f} | {t / base:.3f} |")
+            ratio = _paired_ratio(inference, name, "timm (plain)")
+            print(f"| {name} | {t:.3f} | {args.batch_size / t:.1f} | {_fmt(ratio)} |")
         results["inference_s"] = inference
     if args.json:
         with open(args.json, "w") as f:

@@ -90,6 +90,9 @@ class WeGeFTConfig(AdapterConfig):
         alpha: None for no scaling (the paper's vision setting); a number scales by alpha/rank.
         qkv_parts: None treats timm's fused qkv as one layer; e.g. ("q", "v") gives each named
             part its own generator, fed with its own rows of W, and leaves the others unchanged.
+        recompute: rebuild each adapted layer's input in backward from what LayerNorm, GELU or
+            attention saved anyway instead of storing a copy (activation memory near the frozen
+            floor); a runtime choice: config equality, and so loading an adapter, ignores it.
     """
 
     method: ClassVar[str] = "wegeft"
@@ -98,8 +101,11 @@ class WeGeFTConfig(AdapterConfig):
     shared: bool = True
     alpha: Optional[float] = None
     qkv_parts: Optional[Sequence[str]] = None
+    recompute: bool = dataclasses.field(default=True, compare=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.recompute, bool):
+            raise TypeError(f"recompute must be True or False, got {self.recompute!r}")
         _check_rank(self.rank, self.alpha)
         self.targets = expand_targets(self.targets)
         self.qkv_parts = _check_parts(self.qkv_parts)

@@ -268,7 +268,9 @@ class _WeGeFTLinearFunction(torch.autograd.Function):
             if grad_x is not None:
                 gh_all = gh_parts[0] if len(gh_parts) == 1 else torch.cat(gh_parts, dim=1)
                 psi_all = psis[0] if len(psis) == 1 else torch.cat(psis)
-                grad_x = torch.addmm(grad_x, gh_all, psi_all)
+                # In place: g·W is this function's own buffer (psi cast by hand: in-place ops
+                # are outside autocast).
+                grad_x.addmm_(gh_all.to(grad_x.dtype), psi_all.to(grad_x.dtype))
         if grad_x is not None:
             grad_x = grad_x.to(x_dtype).reshape(*grad_y.shape[:-1], d_in)
         grads = [None if gr is None else gr.to(f.dtype) for gr, f in zip(grads, factors)]
