@@ -15,8 +15,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
 from .data import ImageDataModule
-from .training import PAPER_BACKBONE, ViTClassifier
+from .training import PAPER_BACKBONE, ViTClassifier, check_model_name
 from .training.export import export_checkpoint
+from .training.predictions import PredictionWriter
 from .training.summary import RunSummary
 
 DESCRIPTION = ("Fine-tune timm ViTs with WeGeFT and baselines. Subcommands: fit, validate, test, "
@@ -45,9 +46,20 @@ class WeGeFTCLI(LightningCLI):
                                  "reports the last epoch); other subcommands ignore it, so one "
                                  "config serves them all")
 
+    def before_instantiate_classes(self) -> None:
+        # The datamodule is built first (num_classes flows from it) and reads the backbone's
+        # timm config: name a bad backbone here, plainly, before either is built.
+        model = self.config[self.subcommand].model if self.subcommand else self.config.model
+        check_model_name(model.backbone,
+                         needs_pretrained_tag=model.pretrained and not model.checkpoint_path)
+
     def after_fit(self) -> None:
         if self.config.fit.test_after_fit:
+            fit_metrics = dict(self.trainer.callback_metrics)
             self.trainer.test(self.model, datamodule=self.datamodule)
+            # Testing resets callback_metrics; keep the fit's train/val values beside test's.
+            for name, value in fit_metrics.items():
+                self.trainer.callback_metrics.setdefault(name, value)
         self._report()
 
     def after_validate(self) -> None:
@@ -56,10 +68,16 @@ class WeGeFTCLI(LightningCLI):
     def after_test(self) -> None:
         self._report()
 
+    def after_predict(self) -> None:
+        writer = next(c for c in self.trainer.callbacks if isinstance(c, PredictionWriter))
+        for path in writer.paths:
+            print(f"predictions: {path}", flush=True)
+
     def _report(self) -> None:
         summary = next(c for c in self.trainer.callbacks if isinstance(c, RunSummary))
+        text = summary.report(self.trainer, self.model)  # on every rank: log_dir is collective
         if self.trainer.is_global_zero:
-            print(summary.report(self.trainer, self.model), flush=True)
+            print(text, flush=True)
 
 
 def _export_main(args: list[str]) -> None:
@@ -86,7 +104,7 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> Optional[WeG
         ViTClassifier, ImageDataModule, subclass_mode_data=True, args=args, run=run,
         trainer_defaults={"max_epochs": 100, "log_every_n_steps": 10,
                           "logger": lazy_instance(CSVLogger, save_dir="runs"),
-                          "callbacks": [RunSummary()]},
+                          "callbacks": [RunSummary(), PredictionWriter()]},
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": DESCRIPTION},
     )

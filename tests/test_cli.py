@@ -1,0 +1,161 @@
+"""The ``wegeft-vision`` CLI end to end: fit -> test -> predict -> export -> plain timm, DDP, and
+the errors bad input gets."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from _training_helpers import make_backbone_file, make_toy_task, write_config
+from wegeft_vision.cli import cli_main
+from wegeft_vision.training import ViTClassifier
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One fit (2 epochs) that tests its final weights, shared by the tests below."""
+    root = tmp_path_factory.mktemp("cli")
+    make_toy_task(root / "data")
+    weights = make_backbone_file(root / "backbone.safetensors")
+    config = write_config(root / "fit.yaml", root / "data", weights, root / "logs")
+    cli = cli_main(["fit", "--config", str(config), "--test_after_fit", "true"])
+    return {"root": root, "config": config, "cli": cli,
+            "ckpt": Path(cli.trainer.checkpoint_callback.best_model_path),
+            "metrics": {k: float(v) for k, v in cli.trainer.callback_metrics.items()}}
+
+
+def toy_test_split(run: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test split as the datamodule serves it: (images, labels)."""
+    datamodule = run["cli"].datamodule
+    batches = list(datamodule.test_dataloader())
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def test_fit_logs_metrics_and_test_accuracy_is_right(run: dict) -> None:
+    metrics = run["metrics"]
+    for name in ("train/loss", "val/acc", "val/acc_top5", "val/loss", "test/acc",
+                 "test/acc_top5", "test/loss"):
+        assert name in metrics, name
+    images, labels = toy_test_split(run)
+    model = ViTClassifier.from_checkpoint(run["ckpt"])
+    with torch.no_grad():
+        logits = model(images)
+    assert metrics["test/acc"] == pytest.approx((logits.argmax(1) == labels).float().mean().item())
+    top5 = (logits.topk(5, dim=1).indices == labels[:, None]).any(1).float().mean().item()
+    assert metrics["test/acc_top5"] == pytest.approx(top5)
+    assert (run["ckpt"].parent.parent / "config.yaml").is_file()
+    assert run["ckpt"].name == "last.ckpt"
+
+
+def test_test_and_validate_load_the_checkpoint(run: dict) -> None:
+    cli = cli_main(["test", "--config", str(run["config"]), "--ckpt_path", str(run["ckpt"])])
+    assert float(cli.trainer.callback_metrics["test/acc"]) == pytest.approx(
+        run["metrics"]["test/acc"])
+    cli = cli_main(["validate", "--config", str(run["config"]), "--ckpt_path", str(run["ckpt"])])
+    assert float(cli.trainer.callback_metrics["val/acc"]) == pytest.approx(run["metrics"]["val/acc"])
+
+
+def test_export_predicts_like_the_lightning_model_in_plain_timm(run: dict,
+                                                                tmp_path: Path) -> None:
+    cli = cli_main(["predict", "--config", str(run["config"]), "--ckpt_path", str(run["ckpt"])])
+    with open(Path(cli.trainer.log_dir) / "predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    images, labels = toy_test_split(run)
+    assert [int(r["index"]) for r in rows] == list(range(len(labels)))
+    assert [int(r["label"]) for r in rows] == labels.tolist()
+    lightning_probs = torch.tensor([[float(r[f"p{c}"]) for c in range(6)] for r in rows])
+
+    out = tmp_path / "export"
+    assert cli_main(["export", "--ckpt_path", str(run["ckpt"]), "--output_dir", str(out)]) is None
+    torch.save(images, tmp_path / "images.pt")
+    script = textwrap.dedent(f"""
+        import json, sys
+        import timm, torch
+        out = {str(out)!r}
+        cfg = json.load(open(out + "/config.json"))
+        args = {{k: v for k, v in cfg["model_args"].items() if k != "num_classes"}}
+        named = timm.create_model(cfg["architecture"], pretrained=True,
+                                  num_classes=cfg["num_classes"], **args,
+                                  pretrained_cfg_overlay=dict(file=out + "/model.safetensors",
+                                                              num_classes=cfg["num_classes"]))
+        local = timm.create_model("local-dir:" + out, pretrained=True)
+        assert not any(m.startswith("wegeft_vision") for m in sys.modules)
+        images = torch.load({str(tmp_path / "images.pt")!r})
+        with torch.no_grad():
+            probs = [m.eval()(images).softmax(-1) for m in (named, local)]
+        data = timm.data.resolve_data_config({{}}, model=local)
+        torch.save({{"named": probs[0], "local": probs[1], "mean": data["mean"]}},
+                   {str(tmp_path / "timm.pt")!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, env=ENV, cwd=tmp_path)
+    result = torch.load(tmp_path / "timm.pt")
+    for key in ("named", "local"):
+        assert torch.equal(result[key].argmax(1), lightning_probs.argmax(1))
+        torch.testing.assert_close(result[key], lightning_probs, rtol=1e-4, atol=1e-5)
+    assert tuple(result["mean"]) == (0.5, 0.5, 0.5)
+    with pytest.raises(FileExistsError, match=r"model.safetensors.* already exist; pass "
+                                              r"overwrite=True"):
+        cli_main(["export", "--ckpt_path", str(run["ckpt"]), "--output_dir", str(out)])
+
+
+def test_ddp_test_accuracy_equals_single_process(run: dict, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "wegeft_vision.cli", "test", "--config", str(run["config"]),
+               "--ckpt_path", str(run["ckpt"]), "--trainer.strategy", "ddp",
+               "--trainer.devices", "2", "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    result = subprocess.run(command, env={**ENV, "OMP_WAIT_POLICY": "PASSIVE"}, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Starting with 2 processes" in result.stdout + result.stderr
+    [metrics_file] = tmp_path.glob("toy/version_*/metrics.csv")
+    with open(metrics_file) as handle:
+        logged = [row for row in csv.DictReader(handle) if row.get("test/acc")]
+    assert float(logged[-1]["test/acc"]) == pytest.approx(run["metrics"]["test/acc"], abs=1e-7)
+    assert float(logged[-1]["test/loss"]) == pytest.approx(run["metrics"]["test/loss"], rel=1e-5)
+
+
+# Bad input: clear errors before any training step.
+def test_unknown_config_key_is_rejected(run: dict, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(run["config"]), "--model.learning_rate", "0.1"])
+    assert "learning_rate" in capsys.readouterr().err
+
+
+def test_unknown_backbone_suggests_names(run: dict) -> None:
+    with pytest.raises(ValueError, match=r"unknown timm backbone 'vit_tiny_patch16_2244'.*"
+                                         r"did you mean .*vit_tiny_patch16_224"):
+        cli_main(["fit", "--config", str(run["config"]),
+                  "--model.backbone", "vit_tiny_patch16_2244"])
+
+
+def test_missing_data_root_fails_before_training(run: dict, tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_root"
+    with pytest.raises(FileNotFoundError, match=r"no_such_root"):
+        cli_main(["fit", "--config", str(run["config"]), "--data.init_args.root", str(missing),
+                  "--trainer.logger.init_args.save_dir", str(tmp_path / "logs")])
+    assert not list(tmp_path.glob("logs/**/*.ckpt"))
+
+
+def test_checkpoint_for_another_class_count_is_refused(run: dict) -> None:
+    with pytest.raises(ValueError, match=r"checkpoint .*last.ckpt was trained with "
+                                         r"num_classes=6, but this model has num_classes=7"):
+        cli_main(["test", "--config", str(run["config"]), "--ckpt_path", str(run["ckpt"]),
+                  "--data.init_args.num_classes", "7"])
+
+
+def test_adapter_is_chosen_by_class_path(run: dict) -> None:
+    lora = '{"class_path": "wegeft_vision.LoRAConfig", "init_args": {"rank": 2}}'
+    cli = cli_main(["--config", str(run["config"]), "--model.adapter", lora], run=False)
+    assert type(cli.model.adapter_config).__name__ == "LoRAConfig"
+    assert cli.model.adapter_config.rank == 2 and cli.model.num_classes == 6
+    assert cli.datamodule.data_config.mean == (0.5, 0.5, 0.5)
+    exported = json.loads(json.dumps(cli.model.hparams["adapter"]))
+    assert exported["class_path"].endswith("LoRAConfig")
