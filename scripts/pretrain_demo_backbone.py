@@ -23,9 +23,10 @@ import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
+
+from wegeft_vision.data import load_rgb, read_list_file
 
 MODEL_NAME = "vit_tiny_patch16_224"
 MODEL_KWARGS: dict[str, int] = dict(img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=3)
@@ -37,17 +38,10 @@ MAX_SHIFT = 2
 
 def load_split(root: Path, task: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """All images of a VTAB-1k list file as uint8 [N, 3, H, W] and their labels [N]."""
-    list_file = root / task / f"{split}.txt"
-    if not list_file.is_file():
-        raise FileNotFoundError(f"list file not found: {list_file} (run scripts/make_demo_data.py)")
-    images, labels = [], []
-    for line in list_file.read_text(encoding="utf-8").splitlines():
-        path, label = line.rsplit(" ", 1)
-        with Image.open(root / task / path) as image:
-            images.append(np.asarray(image.convert("RGB")))
-        labels.append(int(label))
-    return (torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),
-            torch.tensor(labels, dtype=torch.int64))
+    samples = read_list_file(root / task / f"{split}.txt", root / task)
+    images = np.stack([np.asarray(load_rgb(sample.path)) for sample in samples])
+    return (torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+            torch.tensor([sample.label for sample in samples], dtype=torch.int64))
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
