@@ -56,7 +56,7 @@ def accuracy_vs_params(records: list[RunRecord], benchmark: str, path: PathLike,
     accs = task_accuracies(records, benchmark)
     points = []
     for method, tasks in sorted(accs.items()):
-        params = method_params(records, method)
+        params = method_params(records, method, benchmark)
         if params is None or params[0] == 0:
             continue  # a log axis has no place for zero trainable parameters
         mean = statistics.fmean(statistics.fmean(v) for v in tasks.values())

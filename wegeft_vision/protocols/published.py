@@ -1,8 +1,8 @@
 """Published numbers to print next to ours (REFERENCE.md 2).
 
-Dataset keys are the registry's canonical names. Source: the WeGeFT authors' project page (arXiv 2312.00700, r = 16, ViT-B/16
-``augreg_in21k``, params exclude the head). Accuracies in percent; only what was published is
-here, so per-task VTAB columns stay empty for these rows.
+Source: the WeGeFT authors' project page (arXiv 2312.00700, r = 16, ViT-B/16 ``augreg_in21k``,
+params exclude the head). Accuracies in percent; only what was published is here, so per-task
+VTAB columns stay empty for these rows. Dataset keys are the registry's canonical names.
 """
 from __future__ import annotations
 

@@ -55,8 +55,8 @@ class RunKey:
         """Where this run's record lives inside a results folder."""
         task = self.task if self.shots is None else f"{self.task}_{self.shots}shot"
         parts = [f"{k}={_format_value(v)}" for k, v in self.hparams] + [f"seed={self.seed}"]
-        return (Path(safe_name(self.benchmark)) / safe_name(self.method) / safe_name(task) / self.phase
-                / (safe_name("__".join(parts)) + ".json"))
+        return (Path(safe_name(self.benchmark)) / safe_name(self.method) / safe_name(task)
+                / self.phase / (safe_name("__".join(parts)) + ".json"))
 
 
 def _format_value(value: HParamValue) -> str:
@@ -101,11 +101,6 @@ class RunRecord:
     def key(self) -> RunKey:
         return RunKey.make(self.benchmark, self.task, self.method, self.phase, self.seed,
                            self.hparams, self.shots)
-
-    @property
-    def trainable_percent(self) -> float:
-        """Trainable parameters (head excluded) as a percentage of the backbone."""
-        return 100.0 * self.trainable_params / self.backbone_params
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -170,7 +165,7 @@ def record_path(root: PathLike, key: RunKey) -> Path:
 
 
 def write_record(root: PathLike, record: RunRecord) -> Path:
-    """Write ``record`` under ``root`` at its key's path; the file appears complete or not at all."""
+    """Write ``record`` under ``root`` at its key's path, complete or not at all."""
     record._check()
     path = record_path(root, record.key)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,9 +192,6 @@ class Results:
     records: list[RunRecord]
     paths: dict[RunKey, Path]
     problems: list[str]
-
-    def get(self, key: RunKey) -> Optional[RunRecord]:
-        return next((r for r in self.records if r.key == key), None)
 
 
 def read_results(*roots: PathLike) -> Results:

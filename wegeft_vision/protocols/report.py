@@ -50,6 +50,7 @@ def write_summary(folders: Sequence[PathLike], out_dir: PathLike,
             table = make(records, published=published)
             sections.append(table.to_markdown())
             written.append(_write(out / f"{benchmark}.csv", table.to_csv()))
+        if benchmark in benchmarks:  # the figures show custom tasks too
             for path in (task_bars(records, benchmark, out / f"{benchmark}_tasks.png"),
                          accuracy_vs_params(records, benchmark, out / f"{benchmark}_params.png",
                                             published)):

@@ -84,13 +84,14 @@ def task_accuracies(records: Iterable[RunRecord], benchmark: str
             for m, tasks in found.items()}
 
 
-def method_params(records: Iterable[RunRecord], method: str) -> Optional[tuple[int, int]]:
+def method_params(records: Iterable[RunRecord], method: str,
+                  benchmark: str) -> Optional[tuple[int, int]]:
     """(trainable, backbone) parameter counts of a method's final runs, head excluded.
 
     These do not depend on the task; if records disagree the most common pair is used.
     """
     counts = Counter((r.trainable_params, r.backbone_params) for r in records
-                     if r.method == method and r.phase == "final")
+                     if r.method == method and r.benchmark == benchmark and r.phase == "final")
     return counts.most_common(1)[0][0] if counts else None
 
 
@@ -126,7 +127,7 @@ def _accuracy_table(title: str, records: list[RunRecord], benchmark: str, tasks:
                 table.partial.add((r, len(row) - 1))
                 table.notes.append(f"{method}: {group + ' ' if group else ''}mean over "
                                    f"{len(done)} of {len(members)} {unit}")
-        row += _params_cells(method_params(records, method), row[-1])
+        row += _params_cells(method_params(records, method, benchmark), row[-1])
         table.rows.append(row)
     return table
 
