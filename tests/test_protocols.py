@@ -16,10 +16,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/_data_helpers.py
 
-from wegeft_vision.protocols import (PAPER_GRID, ProtocolRunner, RunKey, RunRecord, expand_grid,
-                                     fewshot_table, fgvc_table, parse_grid, ppt_score,
-                                     read_record, read_results, resolve_task, vtab_table,
-                                     write_record)
+from wegeft_vision.protocols import (PAPER_GRID, RunRecord, expand_grid, fewshot_table,
+                                     fgvc_table, parse_grid, ppt_score, read_record,
+                                     read_results, resolve_task, vtab_table, write_record)
 from wegeft_vision.protocols.report import write_summary
 from wegeft_vision.protocols.summary import fewshot_csv
 
@@ -365,6 +364,10 @@ def test_chain_search_picks_the_best_and_final_runs_use_it(chain):
         assert record.memory_kind == "process_peak_rss" and record.peak_memory_mb > 10
         assert record.wall_time_s > 0 and record.config_digest
     assert all(r.test_acc is None for r in search) and all(r.test_acc is not None for r in final)
+    # By default only final runs keep their checkpoints.
+    runs = chain["out"] / "runs" / "vtab" / "wegeft" / "eurosat"
+    assert not list((runs / "search").rglob("*.ckpt"))
+    assert len({p.parent.parent for p in (runs / "final").rglob("*.ckpt")}) == 2
     fgvc = chain["fgvc_result"]
     assert len(fgvc.search) == 2 and len(fgvc.final) == 1 and fgvc.executed == 3
     assert fgvc.final[0].task == "OxfordFlowers" and fgvc.final[0].head_params == 32 * 102 + 102
