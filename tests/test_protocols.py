@@ -295,10 +295,6 @@ def tiny_backbone_params() -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _ten_classes(n: int) -> list[int]:
-    return [i % 10 for i in range(n)]
-
-
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """VTAB-1k (search 2x1 -> 2 seeds), FGVC (search 2x1 -> 1 seed), few-shot (2 shots x 2
@@ -311,9 +307,10 @@ def chain(tmp_path_factory):
     config = base / "tiny.yaml"
     config.write_text(TINY_CONFIG)
     vtab_root, fgvc_root, fewshot_root = base / "vtab", base / "fgvc", base / "fewshot"
-    for task in ("eurosat", "svhn"):
-        make_vtab_task(vtab_root, task, {"train800": _ten_classes(20), "val200": _ten_classes(10),
-                                         "test": _ten_classes(10)}, size=(32, 32))
+    for task, classes in (("eurosat", 10), ("kitti", 4)):
+        labels = {"train800": 20, "val200": 10, "test": 10}
+        make_vtab_task(vtab_root, task, {k: [i % classes for i in range(n)]
+                                         for k, n in labels.items()}, size=(32, 32))
     make_fgvc(fgvc_root / "OxfordFlowers", ".", {
         "train": {f"jpg/image_{i:05d}.jpg": i + 1 for i in range(102)},
         "val": {f"jpg/image_{i:05d}.jpg": i % 102 + 1 for i in range(102, 112)},
@@ -328,14 +325,14 @@ def chain(tmp_path_factory):
     # VTAB-1k through the run_protocol command line; `--` passes arguments to the training CLI.
     assert runner.main(["--benchmark", "vtab", "--data-root", str(vtab_root), "--task", "eurosat",
                         "--grid", "model.lr=1e-3,3e-2", "--grid", "model.weight_decay=0",
-                        "--seeds", "0,1", *common, "--", "--data.num_classes=10"]) == 0
+                        "--seeds", "0,1", *common, "--", "--data.batch_size=10"]) == 0
     fgvc = runner.ProtocolRunner(out, fgvc_root, "fgvc", "wegeft", configs=[config],
                                  grid={"model.lr": [1e-3, 3e-2], "model.weight_decay": [0.0]},
                                  search_epochs=1, final_epochs=1)
     fgvc_result = fgvc.run(runner.resolve_task("fgvc", "flowers"))
     assert sweep.main(["--benchmark", "fewshot", "--data-root", str(fewshot_root),
-                       "--tasks", "oxford_pets", "--shots", "1,2", "--seeds", "0,1", *common,
-                       "--", "--data.num_classes=37"]) == 0
+                       "--tasks", "oxford_pets", "--shots", "1,2", "--seeds", "0,1",
+                       *common]) == 0
     assert summarize([str(out), "--published"]) == 0
     return {"out": out, "vtab_root": vtab_root, "config": config, "fgvc": fgvc,
             "fgvc_result": fgvc_result, "common": common}
@@ -363,6 +360,7 @@ def test_chain_search_picks_the_best_and_final_runs_use_it(chain):
         assert record.versions["timm"] and record.versions["torch"]
         assert record.memory_kind == "process_peak_rss" and record.peak_memory_mb > 10
         assert record.wall_time_s > 0 and record.config_digest
+        assert "--data.batch_size=10" in record.cli_args
     assert all(r.test_acc is None for r in search) and all(r.test_acc is not None for r in final)
     # By default only final runs keep their checkpoints.
     runs = chain["out"] / "runs" / "vtab" / "wegeft" / "eurosat"
@@ -389,7 +387,7 @@ def test_chain_rerun_does_no_work(chain, monkeypatch):
     assert runner.main(["--benchmark", "vtab", "--data-root", str(chain["vtab_root"]),
                         "--task", "eurosat", "--grid", "model.lr=1e-3,3e-2",
                         "--grid", "model.weight_decay=0", "--seeds", "0,1", *chain["common"],
-                        "--", "--data.num_classes=10"]) == 0
+                        "--", "--data.batch_size=10"]) == 0
     assert {p: p.stat().st_mtime_ns for p in records} == before
 
 
@@ -427,15 +425,16 @@ def test_sweep_pins_each_process_to_a_device(chain, tmp_path):
 
     out = tmp_path / "sweep"
     args = ["--benchmark", "vtab", "--data-root", str(chain["vtab_root"]), "--method", "probe",
-            f"--config={chain['config']}", "--out", str(out), "--tasks", "eurosat,svhn",
+            f"--config={chain['config']}", "--out", str(out), "--tasks", "eurosat,kitti",
             "--no-search", "--final-epochs", "1", "--devices", "7,9",
-            "--", "--data.num_classes=10", "--model.adapter=wegeft_vision.LinearProbeConfig"]
+            "--", "--model.adapter=wegeft_vision.LinearProbeConfig"]
     assert sweep.main(args) == 0
     finals = read_results(out / "records").records
-    assert sorted(r.task for r in finals) == ["eurosat", "svhn"]
+    assert sorted((r.task, r.head_params) for r in finals) == [("eurosat", 32 * 10 + 10),
+                                                                ("kitti", 32 * 4 + 4)]
     assert all(r.trainable_params == 0 and r.hparams == {} for r in finals)
     logs = sorted((out / "logs").glob("*.log"))
-    assert [p.name for p in logs] == ["vtab_probe_eurosat.log", "vtab_probe_svhn.log"]
+    assert [p.name for p in logs] == ["vtab_probe_eurosat.log", "vtab_probe_kitti.log"]
     devices = {line.rsplit("=", 1)[1] for p in logs for line in p.read_text().splitlines()
                if "CUDA_VISIBLE_DEVICES=" in line}
     assert devices == {"7", "9"}

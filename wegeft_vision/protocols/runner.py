@@ -320,13 +320,22 @@ class ProtocolRunner:
 
     def _data_args(self, task: TaskRef, phase: str, seed: int) -> dict[str, Any]:
         root = str(self.data_root)
-        if task.benchmark == "vtab":
-            split = "train800" if phase == "search" else "train800val200"
-            return {"root": root, "task": task.task, "split": split}
         if task.benchmark == "fgvc":
             return {"root": root, "dataset": task.task,
                     "use_val_for_train": phase == "final" and self.final_with_val}
-        return {"root": root, "dataset": task.task, "shots": task.shots, "seed": seed}
+        if task.benchmark == "vtab":
+            split = "train800" if phase == "search" else "train800val200"
+            args: dict[str, Any] = {"root": root, "task": task.task, "split": split}
+            entry = registry.find(task.task, registry.VTAB_TASKS)
+        else:
+            args = {"root": root, "dataset": task.task, "shots": task.shots, "seed": seed}
+            entry = registry.find(task.task, registry.FEWSHOT_DATASETS)
+        if entry is not None:
+            # Stated explicitly (the datamodule checks it against the registry) so that the
+            # datamodule's saved hyperparameters agree with the model's linked num_classes;
+            # Lightning refuses to log differing values of the same key.
+            args["num_classes"] = entry.num_classes
+        return args
 
     def spec(self, task: TaskRef, phase: str, hparams: dict[str, HParamValue],
              seed: int) -> RunSpec:
