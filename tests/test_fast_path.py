@@ -15,6 +15,7 @@ from torch import nn
 
 from wegeft_vision import LoRAConfig, WeGeFTConfig, apply_adapter
 from wegeft_vision.adapters import WeGeFTLinear
+from wegeft_vision.adapters import functional
 from wegeft_vision.adapters.functional import (EditSpec, plain_form, saved_activation_bytes,
                                                use_output_form, wegeft_linear,
                                                wegeft_linear_plain)
@@ -91,6 +92,15 @@ def test_tiny_vit_exercises_both_forms() -> None:
 def test_model_fast_path_equals_plain_form(config: WeGeFTConfig, recompute: bool) -> None:
     model = make_vit(config)
     set_recompute(model, recompute)
+    images = torch.randn(BATCH, 3, 32, 32, dtype=torch.float64)
+    assert_same(run(model, images), run(model, images, plain=True))
+
+
+def test_recompute_in_chunks_equals_plain_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    # One sample per chunk, so x is rebuilt and reduced piece by piece.
+    monkeypatch.setattr(functional, "_CHUNK_ELEMENTS", 1)
+    model = make_vit(WeGeFTConfig(rank=4, targets="all", qkv_parts=("q", "v"), alpha=3.0))
+    set_recompute(model, True)
     images = torch.randn(BATCH, 3, 32, 32, dtype=torch.float64)
     assert_same(run(model, images), run(model, images, plain=True))
 
@@ -283,3 +293,11 @@ def test_identity_start_is_exact() -> None:
     apply_adapter(adapted, WeGeFTConfig(rank=4, targets="all", qkv_parts=("q", "v")))
     images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     assert rel_err(adapted(images), base(images)) < 1e-14
+
+
+def test_recompute_config_field() -> None:
+    assert WeGeFTConfig().recompute is True
+    # A runtime choice: an adapter saved with one setting loads into a model with the other.
+    assert WeGeFTConfig(recompute=False) == WeGeFTConfig(recompute=True)
+    with pytest.raises(TypeError, match="recompute must be True or False, got 'yes'"):
+        WeGeFTConfig(recompute="yes")

@@ -93,7 +93,11 @@ def _row_blocks(d_out: int, rows: list[Optional[tuple[int, int]]]) -> list[tuple
 
 # --- recompute: rebuild x from tensors that the producing op saved anyway ------------------------
 
+# A recipe: rebuild(*sources) gives x; every source is sliced with x along dim 0, so x can be
+# rebuilt a few samples at a time (see _psi_grad).
 Rebuild = Callable[..., torch.Tensor]
+# Rebuilt in chunks of about this many elements: small enough to stay in cache.
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def _gelu_recipe(node: torch.autograd.graph.Node, x: torch.Tensor
@@ -112,14 +116,13 @@ def _layer_norm_recipe(node: torch.autograd.graph.Node, x: torch.Tensor
     if source.shape != x.shape or source.dtype != x.dtype or weight is None or bias is None:
         return None
 
-    def rebuild(source: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def rebuild(source: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
         # LayerNorm accumulates in float32 at least; so does the rebuild, then rounds like it.
         acc = torch.promote_types(source.dtype, torch.float32)
         out = torch.addcmul(bias.to(acc), (source.to(acc) - mean) * rstd, weight.to(acc))
         return out.to(source.dtype)
 
-    return rebuild, (source, mean, rstd, weight, bias)
+    return rebuild, (source, mean, rstd)
 
 
 def _saved_output_recipe(node: torch.autograd.graph.Node, x: torch.Tensor
@@ -127,6 +130,7 @@ def _saved_output_recipe(node: torch.autograd.graph.Node, x: torch.Tensor
     """x = out.transpose(a, b).reshape(shape) where ``out`` is an op's saved output (attention)."""
     if type(node).__name__ not in ("UnsafeViewBackward0", "ViewBackward0"):
         return None
+    view_input_shape = tuple(node._saved_self_sym_sizes)
     node, _ = node.next_functions[0]
     if node is not None and type(node).__name__ == "CloneBackward0":
         node, _ = node.next_functions[0]
@@ -138,9 +142,9 @@ def _saved_output_recipe(node: torch.autograd.graph.Node, x: torch.Tensor
         return None
     out = producer._saved_output
     shape = tuple(x.shape)
-    if out.dtype != x.dtype or out.transpose(*dims).shape.numel() != x.numel():
+    if out.dtype != x.dtype or tuple(out.transpose(*dims).shape) != view_input_shape:
         return None
-    return (lambda out: out.transpose(*dims).reshape(shape)), (out,)
+    return (lambda out: out.transpose(*dims).reshape(out.shape[0], *shape[1:])), (out,)
 
 
 _RECIPES = {
@@ -235,9 +239,6 @@ class _WeGeFTLinearFunction(torch.autograd.Function):
         need_x, need_factors = needs[0], needs[7:]
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast):
             g = grad_y.reshape(-1, grad_y.shape[-1])
-            x2 = sources[0] if rebuild is None else rebuild(*sources).reshape(-1, d_in)
-            if autocast and x2.dtype == torch.float32:
-                x2 = x2.to(autocast_dtype)
             psis, phis = factors[0::2], factors[1::2]
             grads: list[Optional[torch.Tensor]] = [None] * n_factors
             gh_parts = []
@@ -263,10 +264,16 @@ class _WeGeFTLinearFunction(torch.autograd.Function):
                 if grad_phi is not None:
                     grads[2 * i + 1] = _scaled(grad_phi, scale)
                 gh_parts.append(gh)
-                if need_factors[2 * i]:
-                    grads[2 * i] = torch.mm(gh.t(), x2)
+            gh_all = gh_parts[0] if len(gh_parts) == 1 else torch.cat(gh_parts, dim=1)
+            if any(need_factors[0::2]):
+                cast = autocast_dtype if autocast else None
+                grad_psi = _psi_grad(gh_all, sources, rebuild, d_in, cast)
+                offset = 0
+                for i, phi in enumerate(phis):
+                    if need_factors[2 * i]:
+                        grads[2 * i] = grad_psi[offset:offset + phi.shape[1]]
+                    offset += phi.shape[1]
             if grad_x is not None:
-                gh_all = gh_parts[0] if len(gh_parts) == 1 else torch.cat(gh_parts, dim=1)
                 psi_all = psis[0] if len(psis) == 1 else torch.cat(psis)
                 # In place: g·W is this function's own buffer (psi cast by hand: in-place ops
                 # are outside autocast).
@@ -275,6 +282,26 @@ class _WeGeFTLinearFunction(torch.autograd.Function):
             grad_x = grad_x.to(x_dtype).reshape(*grad_y.shape[:-1], d_in)
         grads = [None if gr is None else gr.to(f.dtype) for gr, f in zip(grads, factors)]
         return (grad_x, None, None, None, None, None, None, *grads)
+
+
+def _psi_grad(gh: torch.Tensor, sources: Sequence[torch.Tensor], rebuild: Optional[Rebuild],
+              d_in: int, cast: Optional[torch.dtype]) -> torch.Tensor:
+    """dL/dpsi = gh^T·x, with x saved (``rebuild`` None) or rebuilt chunk by chunk from sources."""
+    def prepared(x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, d_in)
+        return x.to(cast) if cast is not None and x.dtype == torch.float32 else x
+
+    if rebuild is None:
+        return torch.mm(gh.t(), prepared(sources[0]))
+    lead = sources[0].shape[0]
+    rows_per = gh.shape[0] // lead
+    step = max(1, _CHUNK_ELEMENTS // max(rows_per * d_in, 1))
+    grad: Optional[torch.Tensor] = None
+    for start in range(0, lead, step):
+        x = prepared(rebuild(*(s[start:start + step] for s in sources)))
+        gh_rows = gh[start * rows_per:start * rows_per + x.shape[0]]
+        grad = torch.mm(gh_rows.t(), x) if grad is None else grad.addmm_(gh_rows.t(), x)
+    return grad
 
 
 def wegeft_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
