@@ -16,7 +16,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/_data_helpers.py
 
-from wegeft_vision.protocols import (PAPER_GRID, RunRecord, expand_grid, fewshot_table,
+from wegeft_vision.protocols import (PAPER_GRID, RunKey, RunRecord, expand_grid, fewshot_table,
                                      fgvc_table, parse_grid, ppt_score, read_record,
                                      read_results, resolve_task, vtab_table, write_record)
 from wegeft_vision.protocols.report import write_summary
@@ -389,6 +389,28 @@ def test_chain_rerun_does_no_work(chain, monkeypatch):
                         "--grid", "model.weight_decay=0", "--seeds", "0,1", *chain["common"],
                         "--", "--data.batch_size=10"]) == 0
     assert {p: p.stat().st_mtime_ns for p in records} == before
+
+
+def test_chain_reruns_a_corrupt_record_only(chain, caplog):
+    from wegeft_vision.protocols import runner
+
+    fgvc = chain["fgvc"]
+    final = RunKey.make("fgvc", "OxfordFlowers", "wegeft", "final", 0, chain["fgvc_result"].best)
+    path = fgvc.records_dir / final.relative_path()
+    expected = read_record(path)
+    path.write_text(path.read_text()[:40])  # as if the disk filled up mid-write
+    calls = []
+
+    def counting(spec):
+        calls.append(spec.key)
+        return runner.cli_executor(spec)
+
+    fgvc.executor = counting
+    result = fgvc.run(runner.resolve_task("fgvc", "OxfordFlowers"))
+    assert calls == [final] and result.executed == 1
+    assert "running it again" in caplog.text and str(path) in caplog.text
+    again = read_record(path)
+    assert again.hparams == expected.hparams and again.finished_at > expected.finished_at
 
 
 def test_chain_tables_and_plots(chain):
