@@ -7,15 +7,13 @@ import json
 import math
 import re
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/_data_helpers.py
-
+from _data_helpers import make_fewshot, make_fgvc, make_vtab_task
 from wegeft_vision.protocols import (PAPER_GRID, RunKey, RunRecord, expand_grid, fewshot_table,
                                      fgvc_table, parse_grid, ppt_score, read_record,
                                      read_results, resolve_task, vtab_table, write_record)
@@ -299,7 +297,6 @@ def tiny_backbone_params() -> int:
 def chain(tmp_path_factory):
     """VTAB-1k (search 2x1 -> 2 seeds), FGVC (search 2x1 -> 1 seed), few-shot (2 shots x 2
     seeds) on tiny data through the real training CLI, then the summary."""
-    from _data_helpers import make_fewshot, make_fgvc, make_vtab_task
     from wegeft_vision.protocols import runner, sweep
     from wegeft_vision.protocols.report import main as summarize
 
