@@ -11,15 +11,15 @@ matplotlib.use("Agg")  # headless: sweeps run on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ..data import registry  # noqa: E402
 from .records import PathLike, RunRecord  # noqa: E402
+from .runner import TASK_TABLES  # noqa: E402
 from .published import PUBLISHED
 from .summary import (BENCHMARK_TITLES, VIT_B_BACKBONE_PARAMS, method_params,
                       task_accuracies)  # noqa: E402
 
 
 def _ordered_tasks(benchmark: str, present: set[str]) -> list[str]:
-    known = {"vtab": list(registry.VTAB_TASKS), "fgvc": list(registry.FGVC_DATASETS)}[benchmark]
+    known = list(TASK_TABLES[benchmark])
     return [t for t in known if t in present] + sorted(present - set(known))
 
 

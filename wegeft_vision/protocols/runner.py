@@ -59,6 +59,12 @@ PROTOCOLS: dict[str, Protocol] = {
 }
 
 
+# Each benchmark's registry table: task names, aliases and class counts.
+TASK_TABLES: dict[str, dict[str, Any]] = {"vtab": registry.VTAB_TASKS,
+                                          "fgvc": registry.FGVC_DATASETS,
+                                          "fewshot": registry.FEWSHOT_DATASETS}
+
+
 def get_protocol(benchmark: str) -> Protocol:
     """The protocol of a benchmark; ValueError suggests the closest name."""
     if benchmark not in PROTOCOLS:
@@ -326,10 +332,9 @@ class ProtocolRunner:
         if task.benchmark == "vtab":
             split = "train800" if phase == "search" else "train800val200"
             args: dict[str, Any] = {"root": root, "task": task.task, "split": split}
-            entry = registry.find(task.task, registry.VTAB_TASKS)
         else:
             args = {"root": root, "dataset": task.task, "shots": task.shots, "seed": seed}
-            entry = registry.find(task.task, registry.FEWSHOT_DATASETS)
+        entry = registry.find(task.task, TASK_TABLES[task.benchmark])
         if entry is not None:
             # Stated explicitly (the datamodule checks it against the registry) so that the
             # datamodule's saved hyperparameters agree with the model's linked num_classes;

@@ -22,8 +22,9 @@ from typing import Optional, Sequence
 
 from ..data import registry
 from .records import safe_name
-from .runner import (OVERRIDES_HELP, ProtocolRunner, TaskRef, add_protocol_arguments,
-                     parse_ints, parse_with_overrides, resolve_task, runner_from_args)
+from .runner import (OVERRIDES_HELP, TASK_TABLES, ProtocolRunner, TaskRef,
+                     add_protocol_arguments, parse_ints, parse_with_overrides, resolve_task,
+                     runner_from_args)
 
 logger = logging.getLogger("wegeft_vision.protocols")
 
@@ -32,12 +33,7 @@ def benchmark_tasks(benchmark: str, names: Optional[Sequence[str]] = None,
                     shots: Optional[Sequence[int]] = None,
                     data_root: Optional[Path] = None) -> list[TaskRef]:
     """The tasks of a sweep: all of the benchmark's, or the named ones (aliases accepted)."""
-    if benchmark == "vtab":
-        all_names: list[str] = list(registry.VTAB_TASKS)
-    elif benchmark == "fgvc":
-        all_names = list(registry.FGVC_DATASETS)
-    else:
-        all_names = list(registry.FEWSHOT_DATASETS)
+    all_names = list(TASK_TABLES[benchmark])
     if shots is not None and benchmark != "fewshot":
         raise ValueError("--shots applies to the fewshot benchmark only")
     chosen = list(names) if names else all_names
