@@ -247,17 +247,19 @@ def print_table(variants: list[Variant], wall: dict[str, list[float]],
                 memory: dict[str, int], rss: dict[str, Optional[float]], batch_size: int,
                 device: torch.device) -> None:
     mem_label = "peak allocated" if device.type == "cuda" else "saved activations"
-    columns = ["variant", "trainable params", "s / step", "images / s", "CPU s / step",
-               "x floor", "x LoRA", "x PEFT LoRA", f"{mem_label} (MB)", "x floor", "x LoRA"]
+    on_cpu = device.type == "cpu"
+    columns = ["variant", "trainable params", "s / step", "images / s"]
+    columns += ["CPU s / step"] if on_cpu else []
+    columns += ["x floor", "x LoRA", "x PEFT LoRA", f"{mem_label} (MB)", "x floor", "x LoRA"]
     if rss:
         columns.append("step peak RSS (MB)")
     print("\n| " + " | ".join(columns) + " |\n" + "| --- " * len(columns) + "|")
     floor_m, lora_m = memory.get("floor"), memory.get("lora")
     for v in variants:
         step = statistics.median(wall[v.name])
-        cells = [v.name, f"{v.trainable:,}", f"{step:.3f}", f"{batch_size / step:.1f}",
-                 f"{statistics.median(cpu[v.name]):.3f}",
-                 _fmt(_paired_ratio(basis, v.name, "floor")),
+        cells = [v.name, f"{v.trainable:,}", f"{step:.3f}", f"{batch_size / step:.1f}"]
+        cells += [f"{statistics.median(cpu[v.name]):.3f}"] if on_cpu else []
+        cells += [_fmt(_paired_ratio(basis, v.name, "floor")),
                  _fmt(_paired_ratio(basis, v.name, "lora")),
                  _fmt(_paired_ratio(basis, v.name, "peft-lora")),
                  f"{memory[v.name] / 1e6:.1f}", _fmt_ratio(memory[v.name], floor_m),
