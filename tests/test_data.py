@@ -248,6 +248,7 @@ def test_trainer_runs_the_datamodule_end_to_end(tmp_path):
     class Probe(L.LightningModule):
         def __init__(self, num_classes: int) -> None:
             super().__init__()
+            self.save_hyperparameters()
             self.head = torch.nn.Linear(3 * 8 * 8, num_classes)
 
         def training_step(self, batch, _):
@@ -273,8 +274,11 @@ def test_trainer_runs_the_datamodule_end_to_end(tmp_path):
                                 "--data.num_workers", "0"])
     dm = parser.instantiate(config).data
     assert dm.num_classes == 5 and dm.batch_size == 4
-    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    # A logger makes Lightning compare the model's and the datamodule's hyperparameters: the
+    # datamodule must report the num_classes it inferred, not the None it was given.
+    trainer = L.Trainer(max_epochs=1, logger=L.pytorch.loggers.CSVLogger(tmp_path / "logs"),
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
     model = Probe(dm.num_classes)
     trainer.fit(model, datamodule=dm)
     assert "val/loss" in trainer.callback_metrics

@@ -132,7 +132,9 @@ class ImageDataModule(L.LightningDataModule):
         optional_int(num_workers, "num_workers", 0)
         if cache_budget_gb < 0:
             raise ValueError(f"cache_budget_gb must be >= 0, got {cache_budget_gb}")
-        self.save_hyperparameters()
+        # num_classes is the model's hyperparameter: a subclass's unresolved None here would make
+        # Lightning refuse to log a model and datamodule that disagree on it.
+        self.save_hyperparameters(ignore=["num_classes"])
         self.root = Path(root).expanduser()
         self.batch_size = batch_size
         self.data_config = backbone_data_config(backbone, image_size, mean, std, interpolation)
