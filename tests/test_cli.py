@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from _training_helpers import make_backbone_file, make_toy_task, write_config
 from wegeft_vision.cli import cli_main
+from wegeft_vision.data import FGVC_DATASETS, VTAB_TASKS
 from wegeft_vision.training import ViTClassifier
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -159,3 +161,67 @@ def test_adapter_is_chosen_by_class_path(run: dict) -> None:
     assert cli.datamodule.data_config.mean == (0.5, 0.5, 0.5)
     exported = json.loads(json.dumps(cli.model.hparams["adapter"]))
     assert exported["class_path"].endswith("LoRAConfig")
+
+
+# The shipped configs.
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def printed_config(args: list[str], capsys: pytest.CaptureFixture) -> dict:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("benchmark, folder, key, names", [
+    ("vtab1k", "vtab1k", "task", sorted(VTAB_TASKS)),
+    ("fgvc", "fgvc", "dataset", sorted(FGVC_DATASETS)),
+])
+def test_benchmark_configs_cover_every_task(benchmark: str, folder: str, key: str, names: list,
+                                            capsys: pytest.CaptureFixture) -> None:
+    seen = []
+    for path in sorted((CONFIGS / folder).glob("*.yaml")):
+        config = printed_config(["-c", str(CONFIGS / f"{benchmark}.yaml"), "-c", str(path)], capsys)
+        data = config["data"]["init_args"]
+        seen.append(data[key])
+        assert data["root"] == yaml.safe_load((CONFIGS / f"{benchmark}.yaml").read_text())[
+            "data"]["init_args"]["root"]
+        assert config["model"]["backbone"] == "vit_base_patch16_224.augreg_in21k"
+        assert config["trainer"]["logger"]["init_args"]["name"].startswith(f"{benchmark}/")
+        assert config["trainer"]["max_epochs"] == 100 and config["test_after_fit"] is True
+    assert sorted(seen) == names
+
+
+def test_method_configs_compose_with_the_paper_defaults(capsys: pytest.CaptureFixture) -> None:
+    base = ["-c", str(CONFIGS / "vtab1k.yaml"), "-c", str(CONFIGS / "vtab1k" / "dtd.yaml")]
+    default = printed_config(base, capsys)["model"]
+    paper = printed_config([*base, "-c", str(CONFIGS / "methods" / "wegeft.yaml")], capsys)["model"]
+    assert default == paper
+    assert paper["adapter"]["class_path"].endswith("WeGeFTConfig")
+    assert paper["adapter"]["init_args"] == {**paper["adapter"]["init_args"], "rank": 16,
+                                             "targets": ["attn.proj"], "shared": True}
+    assert (paper["drop_path_rate"], paper["warmup_epochs"], paper["warmup_lr"],
+            paper["min_lr"], paper["label_smoothing"]) == (0.1, 10.0, 1e-7, 1e-6, 0.0)
+    expected = {"lora": ("LoRAConfig", {"rank": 8, "targets": ["attn.proj"]}),
+                "wegeft_all": ("WeGeFTConfig", {"rank": 16, "targets": "all"}),
+                "linear_probe": ("LinearProbeConfig", {}), "full": ("FullFinetuneConfig", {})}
+    for method, (cls, args) in expected.items():
+        model = printed_config([*base, "-c", str(CONFIGS / "methods" / f"{method}.yaml")],
+                               capsys)["model"]
+        assert model["adapter"]["class_path"].endswith(cls)
+        assert {k: model["adapter"].get("init_args", {})[k] for k in args} == args
+    few = printed_config(["-c", str(CONFIGS / "fewshot.yaml")], capsys)["data"]
+    assert few["class_path"].endswith("FewShotDataModule") and few["init_args"]["shots"] == 16
+
+
+def test_demo_config_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped demo, one epoch: real data and backbone from data/, integer batch limits."""
+    monkeypatch.chdir(CONFIGS.parent)
+    cli = cli_main(["fit", "-c", "configs/demo.yaml", "--trainer.max_epochs", "1",
+                    "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false",
+                    "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert cli.trainer.num_val_batches == [1]
+    assert cli.datamodule.num_classes == cli.model.num_classes == 5
+    assert len(cli.datamodule.datasets["train"]) == 40  # 8 shots of 5 classes
+    assert 0.2 < float(cli.trainer.callback_metrics["test/acc"]) <= 1.0
