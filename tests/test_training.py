@@ -223,3 +223,16 @@ def test_trainer_test_refuses_mismatching_checkpoint_before_testing(files: dict[
     with pytest.raises(ValueError, match=r"checkpoint .*last.ckpt was trained on other frozen"):
         run.test(model, datamodule=toy_data(files), ckpt_path=tmp_path / "last.ckpt")
     assert "test/acc" not in run.callback_metrics
+
+
+def test_schedule_is_counted_in_steps_for_max_steps_runs(files: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    model = tiny_model(files["weights"], warmup_epochs=1.0)
+    run = trainer(tmp_path, max_epochs=None, max_steps=5, limit_val_batches=0)
+    run.fit(model, datamodule=toy_data(files, batch_size=4))  # 12 images: 3 steps per epoch
+    config = run.lr_scheduler_configs[0]
+    assert config.interval == "step"
+    assert (config.scheduler.lr_lambdas[0].warmup_steps,
+            config.scheduler.lr_lambdas[0].total_steps) == (3, 5)
+    assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(
+        config.scheduler.lr_lambdas[0].learning_rate(5))

@@ -179,11 +179,15 @@ class ViTClassifier(L.LightningModule):
         hp = self.hparams
         optimizer = build_adamw(self.model, lr=hp.lr, weight_decay=hp.weight_decay)
         trainer = self.trainer
-        total_steps = int(trainer.estimated_stepping_batches)
+        total_steps = trainer.estimated_stepping_batches
+        if not math.isfinite(trainer.num_training_batches):
+            trainer.fit_loop.setup_data()  # a max_steps estimate skips loading the data
         batches = trainer.num_training_batches
-        if not math.isfinite(batches) or total_steps <= 0:
+        if not (math.isfinite(total_steps) and math.isfinite(batches)) or total_steps <= 0:
             raise ValueError("the warm-up/cosine schedule needs a finite number of training "
-                             f"steps; got {batches} batches per epoch")
+                             "steps: set trainer.max_epochs or trainer.max_steps, and train on a "
+                             f"dataset with a length (got {batches} batches per epoch)")
+        total_steps = int(total_steps)
         steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
         warmup_steps = min(total_steps, round(hp.warmup_epochs * steps_per_epoch))
         schedule = WarmupCosine(lr=hp.lr, warmup_lr=hp.warmup_lr, min_lr=hp.min_lr,
