@@ -7,14 +7,15 @@ weights proves on loading that the re-created backbone is the one the adapter wa
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning as L
 import torch
-from jsonargparse import set_parsing_settings
 import torch.nn.functional as F
+from jsonargparse import set_parsing_settings
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -51,7 +52,7 @@ def adapter_from_hparam(value: Any) -> AdapterConfig:
         return value
     if isinstance(value, dict) and "class_path" in value:
         module_name, _, class_name = value["class_path"].rpartition(".")
-        cls = getattr(__import__(module_name, fromlist=[class_name]), class_name, None)
+        cls = getattr(importlib.import_module(module_name), class_name, None)
         if isinstance(cls, type) and issubclass(cls, AdapterConfig):
             return cls(**value.get("init_args", {}))
     raise TypeError(f"adapter must be an AdapterConfig (e.g. WeGeFTConfig()) or its class_path "
