@@ -81,7 +81,9 @@ class WeGeFTCLI(LightningCLI):
 
 
 def _export_main(args: list[str]) -> None:
-    parser = ArgumentParser(prog="wegeft-vision export", description=export_checkpoint.__doc__)
+    parser = ArgumentParser(prog="wegeft-vision export",
+                            description="Merge a checkpoint's adapter into its backbone and write "
+                                        "a plain timm model: model.safetensors + config.json.")
     parser.add_argument("-c", "--config", action=ActionConfigFile)
     parser.add_function_arguments(export_checkpoint)
     cfg = parser.parse_args(args)
