@@ -215,7 +215,8 @@ def test_method_configs_compose_with_the_paper_defaults(capsys: pytest.CaptureFi
     assert few["class_path"].endswith("FewShotDataModule") and few["init_args"]["shots"] == 16
 
 
-def test_demo_config_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_config_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture) -> None:
     """The shipped demo, one epoch: real data and backbone from data/, integer batch limits."""
     monkeypatch.chdir(CONFIGS.parent)
     cli = cli_main(["fit", "-c", "configs/demo.yaml", "--trainer.max_epochs", "1",
@@ -224,4 +225,13 @@ def test_demo_config_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert cli.trainer.num_val_batches == [1]
     assert cli.datamodule.num_classes == cli.model.num_classes == 5
     assert len(cli.datamodule.datasets["train"]) == 40  # 8 shots of 5 classes
-    assert 0.2 < float(cli.trainer.callback_metrics["test/acc"]) <= 1.0
+    test_acc = float(cli.trainer.callback_metrics["test/acc"])
+    assert 0.2 < test_acc <= 1.0
+    summary = capsys.readouterr().out.split("=== wegeft-vision summary ===")[-1]
+    val_acc = float(cli.trainer.callback_metrics["val/acc"])
+    assert "trainable 21,504" in summary and "+ head 485" in summary
+    assert f"best {val_acc:.4f} (validation 1 of 1), last {val_acc:.4f}" in summary
+    assert f"test:         acc {test_acc:.4f}" in summary
+    log_dir = Path(cli.trainer.log_dir)
+    assert f"checkpoint:   {log_dir / 'checkpoints' / 'last.ckpt'} (latest epoch)" in summary
+    assert f"logs:         {log_dir}" in summary and str(tmp_path) in str(log_dir)

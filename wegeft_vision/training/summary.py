@@ -13,6 +13,10 @@ class RunSummary(Callback):
     def __init__(self) -> None:
         self.start = time.perf_counter()
         self.val_acc: list[float] = []
+        self.fitted = False
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.fitted = True
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         acc = trainer.callback_metrics.get("val/acc")
@@ -29,12 +33,16 @@ class RunSummary(Callback):
             lines.append(f"val acc:      best {self.val_acc[best]:.4f} (validation {best + 1} of "
                          f"{len(self.val_acc)}), last {self.val_acc[-1]:.4f}")
         metrics = trainer.callback_metrics
-        tests = [f"{name.split('/', 1)[1]} {float(metrics[name]):.4f}"
-                 for name in ("test/acc", "test/acc_top5", "test/loss") if name in metrics]
-        if tests:
-            lines.append(f"test:         {', '.join(tests)}")
+        for stage in ("val", "test"):
+            if stage == "val" and self.val_acc:
+                continue
+            values = [f"{name.split('/', 1)[1]} {float(metrics[name]):.4f}"
+                      for name in (f"{stage}/acc", f"{stage}/acc_top5", f"{stage}/loss")
+                      if name in metrics]
+            if values:
+                lines.append(f"{stage + ':':<14}{', '.join(values)}")
         lines.append(f"wall time:    {time.perf_counter() - self.start:.1f} s")
-        checkpoint = trainer.checkpoint_callback
+        checkpoint = trainer.checkpoint_callback if self.fitted else None
         if checkpoint is not None and checkpoint.best_model_path:
             kind = ("latest epoch" if checkpoint.monitor is None else
                     f"best {checkpoint.monitor}")
