@@ -236,3 +236,18 @@ def test_schedule_is_counted_in_steps_for_max_steps_runs(files: dict[str, Path],
             config.scheduler.lr_lambdas[0].total_steps) == (3, 5)
     assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(
         config.scheduler.lr_lambdas[0].learning_rate(5))
+
+
+def test_full_finetuning_checkpoint_rebuilds_without_the_backbone_file(files: dict[str, Path],
+                                                                        tmp_path: Path) -> None:
+    weights = tmp_path / "backbone.safetensors"
+    weights.write_bytes(files["weights"].read_bytes())
+    L.seed_everything(0)
+    model = tiny_model(weights, adapter=FullFinetuneConfig())
+    trainer(tmp_path, 1).fit(model, datamodule=toy_data(files))
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert set(checkpoint["state_dict"]) == set(model.state_dict())
+    weights.unlink()
+    rebuilt = ViTClassifier.from_checkpoint(tmp_path / "last.ckpt")
+    reference = model.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in rebuilt.state_dict().items())

@@ -19,8 +19,8 @@ from jsonargparse import set_parsing_settings
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..adapters import (AdapterConfig, WeGeFTConfig, apply_adapter, count_parameters,
-                        trainable_parameter_names)
+from ..adapters import (AdapterConfig, FullFinetuneConfig, WeGeFTConfig, apply_adapter,
+                        count_parameters, trainable_parameter_names)
 from ..adapters.model import ParameterCount
 from .backbone import create_backbone, fingerprint
 from .optim import WarmupCosine, build_adamw
@@ -214,6 +214,9 @@ class ViTClassifier(L.LightningModule):
         # Keys starting with "_" are LightningCLI's bookkeeping (_instantiator, _class_path).
         hparams = {k: v for k, v in checkpoint["hyper_parameters"].items()
                    if not k.startswith("_")}
+        if isinstance(adapter_from_hparam(hparams["adapter"]), FullFinetuneConfig):
+            # Every tensor is in the checkpoint: no need to fetch the pretrained weights.
+            hparams.update(pretrained=False, checkpoint_path=None)
         model = cls(**{**hparams, **overrides})
         model.on_load_checkpoint(checkpoint, where=f"checkpoint {path}")
         model.load_state_dict(checkpoint["state_dict"])
