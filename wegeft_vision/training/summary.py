@@ -42,13 +42,13 @@ class RunSummary(Callback):
             if values:
                 lines.append(f"{stage + ':':<14}{', '.join(values)}")
         lines.append(f"wall time:    {time.perf_counter() - self.start:.1f} s")
-        checkpoint = trainer.checkpoint_callback if self.fitted else None
-        if checkpoint is not None and checkpoint.best_model_path:
-            kind = ("latest epoch" if checkpoint.monitor is None else
-                    f"best {checkpoint.monitor}")
-            lines.append(f"checkpoint:   {checkpoint.best_model_path} ({kind})")
-        if checkpoint is not None and checkpoint.last_model_path:
-            lines.append(f"checkpoint:   {checkpoint.last_model_path} (last)")
+        for checkpoint in trainer.checkpoint_callbacks if self.fitted else []:
+            if checkpoint.best_model_path:
+                kind = ("latest epoch" if checkpoint.monitor is None else
+                        f"best {checkpoint.monitor}")
+                lines.append(f"checkpoint:   {checkpoint.best_model_path} ({kind})")
+            if checkpoint.last_model_path:
+                lines.append(f"checkpoint:   {checkpoint.last_model_path} (last)")
         if trainer.ckpt_path:
             lines.append(f"loaded:       {trainer.ckpt_path}")
         if trainer.log_dir:
