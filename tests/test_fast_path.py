@@ -48,16 +48,16 @@ def set_recompute(model: nn.Module, recompute: bool) -> None:
             module.recompute = recompute
 
 
-def run(model: nn.Module, images: torch.Tensor, plain: bool = False
+def run(model: nn.Module, images: torch.Tensor, plain: bool = False, input_grad: bool = True
         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits, and the gradients of a fixed loss for the input and every trainable parameter."""
     model.zero_grad(set_to_none=True)
-    images = images.detach().requires_grad_(True)
+    images = images.detach().requires_grad_(input_grad)
     with plain_form() if plain else torch.enable_grad():
         logits = model(images)
     weights = torch.linspace(-1.0, 1.0, logits.numel(), dtype=torch.float64).view_as(logits)
     (logits.double() * weights).sum().backward()
-    grads = {"input": images.grad}
+    grads = {"input": images.grad} if input_grad else {}
     # DDP and torch.compile wrap the model; compare by the model's own parameter names.
     grads.update({n.removeprefix("module.").removeprefix("_orig_mod."): p.grad
                   for n, p in model.named_parameters() if p.requires_grad})
@@ -94,6 +94,14 @@ def test_model_fast_path_equals_plain_form(config: WeGeFTConfig, recompute: bool
     set_recompute(model, recompute)
     images = torch.randn(BATCH, 3, 32, 32, dtype=torch.float64)
     assert_same(run(model, images), run(model, images, plain=True))
+
+
+def test_training_without_input_gradient_equals_plain_form() -> None:
+    # As in real training: the first block's qkv input needs no gradient, so g·W is skipped there.
+    model = make_vit(WeGeFTConfig(rank=4, targets="all"))
+    images = torch.randn(BATCH, 3, 32, 32, dtype=torch.float64)
+    assert_same(run(model, images, input_grad=False),
+                run(model, images, plain=True, input_grad=False))
 
 
 def test_recompute_in_chunks_equals_plain_form(monkeypatch: pytest.MonkeyPatch) -> None:
