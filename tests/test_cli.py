@@ -63,7 +63,8 @@ def test_test_and_validate_load_the_checkpoint(run: dict) -> None:
     assert float(cli.trainer.callback_metrics["test/acc"]) == pytest.approx(
         run["metrics"]["test/acc"])
     cli = cli_main(["validate", "--config", str(run["config"]), "--ckpt_path", str(run["ckpt"])])
-    assert float(cli.trainer.callback_metrics["val/acc"]) == pytest.approx(run["metrics"]["val/acc"])
+    assert float(cli.trainer.callback_metrics["val/acc"]) == pytest.approx(
+        run["metrics"]["val/acc"])
 
 
 def test_export_predicts_like_the_lightning_model_in_plain_timm(run: dict,

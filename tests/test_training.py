@@ -82,7 +82,8 @@ def test_adamw_decays_matrices_only(files: dict[str, Path], adapter, trainable_p
     model = tiny_model(files["weights"], adapter=adapter).model
     optimizer = build_adamw(model, lr=1e-3, weight_decay=0.05)
     names = {id(p): n for n, p in model.named_parameters()}
-    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] for p in g["params"]}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"]
+               for p in g["params"]}
     kept = {names[id(p)] for g in optimizer.param_groups if not g["weight_decay"]
             for p in g["params"]}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
