@@ -104,11 +104,7 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> Optional[WeG
         return None
     return WeGeFTCLI(
         ViTClassifier, ImageDataModule, subclass_mode_data=True, args=args, run=run,
-        # Hyper-parameters are not sent to the logger: config.yaml in the log directory records
-        # the whole run, and Lightning refuses to merge datamodule and model hparams that share a
-        # key with different values (num_classes: unset in the data, linked into the model).
         trainer_defaults={"max_epochs": 100, "log_every_n_steps": 10,
-                          "enable_autolog_hparams": False,
                           "logger": lazy_instance(CSVLogger, save_dir="runs"),
                           "callbacks": [RunSummary(), PredictionWriter()]},
         save_config_kwargs={"overwrite": True},
