@@ -32,13 +32,13 @@ def class_image(label: int, index: int) -> Image.Image:
     return Image.fromarray(pixels)
 
 
-def make_toy_task(root: Path) -> Path:
-    """``<root>/toy/`` in NOAH's VTAB-1k layout with PNGs of NUM_CLASSES classes."""
-    folder = root / TASK
+def make_toy_task(root: Path, task: str = TASK, extra_test: int = EXTRA_TEST) -> Path:
+    """``<root>/<task>/`` in NOAH's VTAB-1k layout with PNGs of NUM_CLASSES classes."""
+    folder = root / task
     for split, per_class in SPLIT_SIZES.items():
         entries = []
         labels = [c for c in range(NUM_CLASSES) for _ in range(per_class)]
-        labels += list(range(EXTRA_TEST)) if split == "test" else []
+        labels += list(range(extra_test)) if split == "test" else []
         for index, label in enumerate(labels):
             rel = f"images/{split}/{index:06d}.png"
             (folder / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One fit (2 epochs) that tests its final weights, shared by the tests below."""
     root = tmp_path_factory.mktemp("cli")
     make_toy_task(root / "data")
+    make_toy_task(root / "data", task="toy_odd", extra_test=1)
     weights = make_backbone_file(root / "backbone.safetensors")
     config = write_config(root / "fit.yaml", root / "data", weights, root / "logs")
     cli = cli_main(["fit", "--config", str(config), "--test_after_fit", "true"])
@@ -110,19 +111,30 @@ def test_export_predicts_like_the_lightning_model_in_plain_timm(run: dict,
         cli_main(["export", "--ckpt_path", str(run["ckpt"]), "--output_dir", str(out)])
 
 
-def test_ddp_test_accuracy_equals_single_process(run: dict, tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "wegeft_vision.cli", "test", "--config", str(run["config"]),
-               "--ckpt_path", str(run["ckpt"]), "--trainer.strategy", "ddp",
-               "--trainer.devices", "2", "--trainer.logger.init_args.save_dir", str(tmp_path)]
+@pytest.mark.parametrize("task", [
+    "toy",
+    pytest.param("toy_odd", marks=pytest.mark.xfail(
+        strict=True, reason="Lightning's DistributedSampler pads a split whose size is not a "
+        "multiple of the process count with repeated images; the datamodules' evaluation "
+        "loaders need an unpadded sampler (lightning's UnrepeatedDistributedSampler)")),
+])
+def test_ddp_test_accuracy_equals_single_process(run: dict, tmp_path: Path, task: str) -> None:
+    args = ["test", "--config", str(run["config"]), "--ckpt_path", str(run["ckpt"]),
+            "--data.init_args.task", task, "--trainer.logger.init_args.save_dir", str(tmp_path)]
+    single = cli_main([*args, "--trainer.logger.init_args.name", "single"]).trainer
+    command = [sys.executable, "-m", "wegeft_vision.cli", *args, "--trainer.strategy", "ddp",
+               "--trainer.devices", "2"]
     result = subprocess.run(command, env={**ENV, "OMP_WAIT_POLICY": "PASSIVE"}, cwd=tmp_path,
                             capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting with 2 processes" in result.stdout + result.stderr
+    assert "terminate called" not in result.stderr  # a rank aborting at exit
     [metrics_file] = tmp_path.glob("toy/version_*/metrics.csv")
     with open(metrics_file) as handle:
         logged = [row for row in csv.DictReader(handle) if row.get("test/acc")]
-    assert float(logged[-1]["test/acc"]) == pytest.approx(run["metrics"]["test/acc"], abs=1e-7)
-    assert float(logged[-1]["test/loss"]) == pytest.approx(run["metrics"]["test/loss"], rel=1e-5)
+    expected = {k: float(v) for k, v in single.callback_metrics.items()}
+    assert float(logged[-1]["test/acc"]) == pytest.approx(expected["test/acc"], abs=1e-7)
+    assert float(logged[-1]["test/loss"]) == pytest.approx(expected["test/loss"], rel=1e-5)
 
 
 # Bad input: clear errors before any training step.

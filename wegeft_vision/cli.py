@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, lazy_instance
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -102,7 +103,7 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> Optional[WeG
     if run and argv[:1] == ["export"]:
         _export_main(argv[1:])
         return None
-    return WeGeFTCLI(
+    cli = WeGeFTCLI(
         ViTClassifier, ImageDataModule, subclass_mode_data=True, args=args, run=run,
         trainer_defaults={"max_epochs": 100, "log_every_n_steps": 10,
                           "logger": lazy_instance(CSVLogger, save_dir="runs"),
@@ -110,6 +111,17 @@ def cli_main(args: Optional[list[str]] = None, run: bool = True) -> Optional[WeG
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"description": DESCRIPTION},
     )
+    _close_process_group()
+    return cli
+
+
+def _close_process_group() -> None:
+    """End a multi-process run on all ranks together. Left to interpreter exit, a rank whose
+    peer has already gone can abort in gloo's teardown ("terminate called without an active
+    exception")."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def main() -> None:
