@@ -86,3 +86,35 @@ def write_config(path: Path, data_root: Path, weights: Path, log_dir: Path,
     }
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def save_google_npz(model: torch.nn.Module, path: Path) -> Path:
+    """A timm ViT's weights in the layout of Google's ViT ``.npz`` files (``ViT-B_16.npz``),
+    the inverse of the mapping timm's npz loader applies."""
+    embed_dim = model.embed_dim
+    heads = model.blocks[0].attn.num_heads
+    arrays = {
+        "embedding/kernel": model.patch_embed.proj.weight.permute(2, 3, 1, 0),
+        "embedding/bias": model.patch_embed.proj.bias,
+        "cls": model.cls_token,
+        "Transformer/posembed_input/pos_embedding": model.pos_embed,
+        "Transformer/encoder_norm/scale": model.norm.weight,
+        "Transformer/encoder_norm/bias": model.norm.bias,
+    }
+    for i, block in enumerate(model.blocks):
+        prefix = f"Transformer/encoderblock_{i}/"
+        attention = prefix + "MultiHeadDotProductAttention_1/"
+        for part, weight, bias in zip(("query", "key", "value"),
+                                      block.attn.qkv.weight.chunk(3), block.attn.qkv.bias.chunk(3)):
+            arrays[f"{attention}{part}/kernel"] = weight.T.reshape(embed_dim, heads, -1)
+            arrays[f"{attention}{part}/bias"] = bias.reshape(heads, -1)
+        arrays[f"{attention}out/kernel"] = block.attn.proj.weight.reshape(
+            embed_dim, heads, -1).permute(1, 2, 0)
+        arrays[f"{attention}out/bias"] = block.attn.proj.bias
+        for norm, name in ((block.norm1, "LayerNorm_0"), (block.norm2, "LayerNorm_2")):
+            arrays[f"{prefix}{name}/scale"], arrays[f"{prefix}{name}/bias"] = norm.weight, norm.bias
+        for r, layer in enumerate((block.mlp.fc1, block.mlp.fc2)):
+            arrays[f"{prefix}MlpBlock_3/Dense_{r}/kernel"] = layer.weight.T
+            arrays[f"{prefix}MlpBlock_3/Dense_{r}/bias"] = layer.bias
+    np.savez(path, **{k: v.detach().contiguous().numpy() for k, v in arrays.items()})
+    return path

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import load_file
 
 from _training_helpers import (BACKBONE, BACKBONE_KWARGS, NUM_CLASSES, TASK, make_backbone_file,
-                               make_toy_task)
+                               make_toy_task, save_google_npz)
 from wegeft_vision import FullFinetuneConfig, LinearProbeConfig, LoRAConfig, WeGeFTConfig
 from wegeft_vision.data import VTAB1kDataModule
 from wegeft_vision.training import ViTClassifier, WarmupCosine, build_adamw, create_backbone
@@ -107,6 +107,21 @@ def test_local_weights_are_loaded_in_every_format(files: dict[str, Path], tmp_pa
         state = model.state_dict()
         assert all(torch.equal(state[k], v) for k, v in saved.items())
         assert state["head.weight"].shape == (3, BACKBONE_KWARGS["embed_dim"])
+
+
+def test_google_npz_weights_load_through_timms_npz_loader(tmp_path: Path) -> None:
+    source = create_backbone(BACKBONE, 3, pretrained=False, init_seed=7,
+                             backbone_kwargs=BACKBONE_KWARGS)
+    npz = save_google_npz(source, tmp_path / "ViT-tiny.npz")
+    model = create_backbone(BACKBONE, 5, checkpoint_path=npz, backbone_kwargs=BACKBONE_KWARGS)
+    reference = source.state_dict()
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("head."):
+            torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0, msg=name)
+    deeper = {**BACKBONE_KWARGS, "depth": 3}
+    with pytest.raises(ValueError, match=r"weights .*ViT-tiny.npz do not fit timm model "
+                                         r"'vit_tiny_patch16_224'.*encoderblock_2"):
+        create_backbone(BACKBONE, 5, checkpoint_path=npz, backbone_kwargs=deeper)
 
 
 def test_random_backbone_is_reproducible_from_init_seed() -> None:
