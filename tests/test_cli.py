@@ -111,13 +111,7 @@ def test_export_predicts_like_the_lightning_model_in_plain_timm(run: dict,
         cli_main(["export", "--ckpt_path", str(run["ckpt"]), "--output_dir", str(out)])
 
 
-@pytest.mark.parametrize("task", [
-    "toy",
-    pytest.param("toy_odd", marks=pytest.mark.xfail(
-        strict=True, reason="Lightning's DistributedSampler pads a split whose size is not a "
-        "multiple of the process count with repeated images; the datamodules' evaluation "
-        "loaders need an unpadded sampler (lightning's UnrepeatedDistributedSampler)")),
-])
+@pytest.mark.parametrize("task", ["toy", "toy_odd"])
 def test_ddp_test_accuracy_equals_single_process(run: dict, tmp_path: Path, task: str) -> None:
     args = ["test", "--config", str(run["config"]), "--ckpt_path", str(run["ckpt"]),
             "--data.init_args.task", task, "--trainer.logger.init_args.save_dir", str(tmp_path)]

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import lightning as L
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
@@ -135,6 +136,7 @@ class ImageDataModule(L.LightningDataModule):
         # num_classes is the model's hyperparameter: a subclass's unresolved None here would make
         # Lightning refuse to log a model and datamodule that disagree on it.
         self.save_hyperparameters(ignore=["num_classes"])
+        self.hparams["root"] = str(root)  # Path objects break loading checkpoints with weights_only
         self.root = Path(root).expanduser()
         self.batch_size = batch_size
         self.data_config = backbone_data_config(backbone, image_size, mean, std, interpolation)
@@ -199,8 +201,15 @@ class ImageDataModule(L.LightningDataModule):
                                "(the Trainer does this)")
         dataset = self.datasets[split]
         workers = 0 if self._auto_workers and dataset.cache is not None else self.num_workers
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=workers, pin_memory=self.pin_memory,
+        sampler = None
+        trainer = self.trainer
+        if not shuffle and trainer is not None and trainer.world_size > 1:
+            # Lightning's default DistributedSampler pads evaluation splits with repeated images;
+            # this one gives each image to exactly one process, so metrics equal one process's.
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
+                                                   rank=trainer.global_rank, shuffle=False)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and sampler is None,
+                          sampler=sampler, num_workers=workers, pin_memory=self.pin_memory,
                           persistent_workers=workers > 0)
 
     def train_dataloader(self) -> DataLoader:
