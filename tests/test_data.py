@@ -290,6 +290,6 @@ def test_hyperparameters_load_with_weights_only(tmp_path):
     # Lightning stores the datamodule's hparams in checkpoints and resumes with weights_only=True,
     # which refuses pathlib objects.
     dm = vtab(tmp_path)
-    torch.save({"datamodule_hyper_parameters": dm.hparams}, tmp_path / "c.ckpt")
+    torch.save({"datamodule_hyper_parameters": dict(dm.hparams)}, tmp_path / "c.ckpt")
     loaded = torch.load(tmp_path / "c.ckpt", weights_only=True)["datamodule_hyper_parameters"]
     assert loaded["root"] == str(tmp_path) and loaded["task"] == "cifar"
