@@ -1,6 +1,6 @@
 """The ``wegeft-vision`` command: Lightning's fit / validate / test / predict, plus ``export``.
 
-Configs compose with repeated ``--config`` (later files win); see configs/ and docs/training.md.
+Configs compose with repeated ``--config`` (later files win); see configs/ and README.md.
 The number of classes flows from the datamodule to the model, the backbone name from the
 model to the datamodule (for its timm normalisation).
 """
