@@ -242,3 +242,14 @@ def test_demo_config_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     log_dir = Path(cli.trainer.log_dir)
     assert f"checkpoint:   {log_dir / 'checkpoints' / 'last.ckpt'} (latest epoch)" in summary
     assert f"logs:         {log_dir}" in summary and str(tmp_path) in str(log_dir)
+
+
+@pytest.mark.parametrize("text, expected", [("1", 1), ("3", 3), ("1.0", 1.0), ("0.25", 0.25)])
+def test_trainer_limits_keep_int_batches_apart_from_float_fractions(text: str,
+                                                                     expected: float) -> None:
+    # Lightning reads an int as batches and a float as a fraction: "1" must stay one batch
+    # whichever order typing's cache holds the Trainer's Union[int, float] in.
+    cli = cli_main(["-c", str(CONFIGS / "demo.yaml"), "--trainer.limit_val_batches", text,
+                    "--trainer.logger", "false"], run=False)
+    assert cli.trainer.limit_val_batches == expected
+    assert type(cli.trainer.limit_val_batches) is type(expected)

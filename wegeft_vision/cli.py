@@ -7,7 +7,7 @@ model to the datamodule (for its timm normalisation).
 from __future__ import annotations
 
 import sys
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, lazy_instance
@@ -26,6 +26,11 @@ DESCRIPTION = ("Fine-tune timm ViTs with WeGeFT and baselines. Subcommands: fit,
                "see `wegeft-vision export --help`).")
 
 
+INT_OR_FRACTION_ARGS = {f"trainer.{name}" for name in (
+    "limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches",
+    "overfit_batches", "val_check_interval")}
+
+
 class WeGeFTCLI(LightningCLI):
     """LightningCLI with this project's links and defaults.
 
@@ -33,6 +38,17 @@ class WeGeFTCLI(LightningCLI):
     after every epoch, so an interrupted fit resumes with ``--ckpt_path`` on it and loses at most
     one epoch) and ``--test_after_fit``.
     """
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_core_arguments_to_parser(parser)
+        # Lightning reads an int as a number of batches and a float as a fraction. The Trainer's
+        # hint Optional[Union[int, float]] comes from typing's cache, where it may already be
+        # Union[float, int, None] (equal, so shared) depending on what was imported first:
+        # "--trainer.limit_val_batches 1" would then mean 100%. Spell the order out.
+        int_first = Union[int, float, None]
+        for action in parser._actions:
+            if action.dest in INT_OR_FRACTION_ARGS:
+                action._typehint = int_first
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.backbone", "data.init_args.backbone")
