@@ -379,3 +379,14 @@ def test_distilled_deit_trains_both_heads():
     adapted = sorted(n for n, m in model.named_modules() if isinstance(m, AdaptedLinear))
     assert adapted == ["blocks.0.attn.proj", "blocks.1.attn.proj"]
     assert count_parameters(model).head == 2 * (32 * 7 + 7)
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+def test_recompute_reaches_every_layer_and_is_not_part_of_identity(recompute, tmp_path):
+    model = apply_adapter(tiny_vit(), WeGeFTConfig(rank=2, targets="all", recompute=recompute))
+    layers = [m for m in model.modules() if isinstance(m, AdaptedLinear)]
+    assert len(layers) == 8 and all(layer.recompute is recompute for layer in layers)
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    other = apply_adapter(tiny_vit(), WeGeFTConfig(rank=2, targets="all",
+                                                   recompute=not recompute))
+    load_adapter(other, path)  # a runtime choice: files load across it

@@ -200,7 +200,10 @@ def apply_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
         edits, per_layer = _build_edits(model, config)
         layer_cls = WeGeFTLinear if isinstance(config, WeGeFTConfig) else LoRALinear
         for name, layer_edits in per_layer.items():
-            _set_module(model, name, layer_cls(model.get_submodule(name), layer_edits))
+            layer = layer_cls(model.get_submodule(name), layer_edits)
+            if isinstance(config, WeGeFTConfig):
+                layer.recompute = config.recompute
+            _set_module(model, name, layer)
     elif not isinstance(config, (LinearProbeConfig, FullFinetuneConfig)):
         raise TypeError(f"unsupported adapter config {type(config).__name__}")
     setattr(model, ADAPTER_ATTR, AdapterContainer(config, edits))
