@@ -14,7 +14,8 @@ from .layer import AdaptedLinear, Edit
 
 
 class WeGeFTGenerator(Edit):
-    """The generator (phi, psi): x -> scale·phi(psi(x)), with psi: d_in -> r, phi: r -> d_in.
+    """The generator (phi, psi), psi: d_in -> r, phi: r -> d_in; the layers apply it through
+    :mod:`.functional` (x -> x + scale·phi(psi(x))), so it holds parameters and merges.
 
     phi starts at zero (as in the authors' vision code), so the model starts at its pretrained
     output; psi keeps PyTorch's default kaiming-uniform initialisation.
@@ -26,10 +27,6 @@ class WeGeFTGenerator(Edit):
         self.psi = nn.Linear(in_features, rank, bias=False)
         self.phi = nn.Linear(rank, in_features, bias=False)
         nn.init.zeros_(self.phi.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.phi(self.psi(x))
-        return out if self.scale == 1.0 else out * self.scale
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         # (W·phi)·psi keeps the product d_out x r x d_in instead of building a d_in x d_in matrix.
