@@ -211,6 +211,127 @@ def test_edit_is_w_times_low_rank_m(shared, target, parts):
                                            rtol=0, atol=1e-12)
 
 
+# ---------------------------------------------------------------- the authors' layer
+
+class AuthorsLinear(nn.Module):
+    """The authors' vision layer, written independently of ours: y = Wx + b + x·dW^T with
+    dW = out_proj(in_proj(W)) row by row; ``parts`` maps rows (start, stop) to (in_proj, out_proj)
+    and rows outside every part get no residual."""
+
+    def __init__(self, base: nn.Linear, parts: dict[tuple[int, int], tuple[nn.Linear, nn.Linear]]
+                 ) -> None:
+        super().__init__()
+        self.base, self.parts = base, parts
+        self.maps = nn.ModuleList(m for pair in parts.values() for m in pair)
+
+    def delta(self) -> torch.Tensor:
+        w = self.base.weight.detach()
+        blocks, start = [], 0
+        for (begin, end), (in_proj, out_proj) in sorted(self.parts.items()):
+            blocks += [torch.zeros_like(w[start:begin]), out_proj(in_proj(w[begin:end]))]
+            start = end
+        return torch.cat([*blocks, torch.zeros_like(w[start:])])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + nn.functional.linear(x, self.delta())
+
+
+def authors_copy(plain: nn.Module, adapted: nn.Module) -> tuple[nn.Module, dict]:
+    """``plain`` with the authors' layers where ``adapted`` has ours, their in_proj.weight =
+    phi^T and out_proj.weight = psi^T copied from ours; shared generators stay shared."""
+    reference = copy.deepcopy(plain)
+    maps: dict[int, tuple[nn.Linear, nn.Linear]] = {}
+    for name, layer in adapted.named_modules():
+        if not isinstance(layer, AdaptedLinear):
+            continue
+        d = layer.out_features // 3  # fixed q/k/v slices, not taken from part_rows
+        slices = {None: (0, layer.out_features), "q": (0, d), "k": (d, 2 * d), "v": (2 * d, 3 * d)}
+        parts = {}
+        for part, gen in layer.edits.items():
+            if id(gen) not in maps:
+                d_in, rank = gen.phi.weight.shape
+                in_proj = nn.Linear(d_in, rank, bias=False, dtype=torch.float64)
+                out_proj = nn.Linear(rank, d_in, bias=False, dtype=torch.float64)
+                with torch.no_grad():
+                    in_proj.weight.copy_(gen.phi.weight.T)
+                    out_proj.weight.copy_(gen.psi.weight.T)
+                maps[id(gen)] = (in_proj, out_proj)
+            parts[slices[part]] = maps[id(gen)]
+        parent, _, child = name.rpartition(".")
+        base = reference.get_submodule(name)
+        base.requires_grad_(False)
+        setattr(reference.get_submodule(parent), child, AuthorsLinear(base, parts))
+    return reference, maps
+
+
+AUTHORS_CONFIGS = [WeGeFTConfig(rank=3, targets="all"),
+                   WeGeFTConfig(rank=3, targets="all", shared=False),
+                   WeGeFTConfig(rank=3, targets="all", qkv_parts=("q", "v")),
+                   WeGeFTConfig(rank=3, targets="attn.qkv", qkv_parts=("k",), shared=False)]
+
+
+@pytest.mark.parametrize("config", AUTHORS_CONFIGS, ids=str)
+def test_equals_the_authors_layer_from_step_one(config):
+    plain = tiny_vit(dtype=torch.float64)
+    ours = apply_adapter(copy.deepcopy(plain), config)
+    reference, maps = authors_copy(plain, ours)
+    gens = list(get_adapter(ours).edits.values())
+    x = images(dtype=torch.float64)
+    target = torch.randn(4, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    opt_ours = torch.optim.SGD([p for g in gens for p in g.parameters()], lr=2.0)
+    opt_ref = torch.optim.SGD([p for pair in maps.values() for m in pair for p in m.parameters()],
+                              lr=2.0)
+    for step in (1, 2):
+        out_ours, out_ref = ours(x), reference(x)
+        torch.testing.assert_close(out_ours, out_ref, rtol=1e-10, atol=1e-12)
+        if step == 2:
+            # far above float64 round-off (1e-16): the step moved the model (k alone moves least)
+            assert (out_ours - plain(x)).abs().max() > 1e-8
+        opt_ours.zero_grad(), opt_ref.zero_grad()
+        (out_ours * target).sum().backward()
+        (out_ref * target).sum().backward()
+        for gen in gens:
+            in_proj, out_proj = maps[id(gen)]
+            torch.testing.assert_close(gen.psi.weight.grad, out_proj.weight.grad.T,
+                                       rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(gen.phi.weight.grad, in_proj.weight.grad.T,
+                                       rtol=1e-9, atol=1e-12)
+            if step == 1:  # psi starts at zero: only psi learns at step 1
+                assert torch.equal(gen.phi.weight.grad, torch.zeros_like(gen.phi.weight))
+                assert gen.psi.weight.grad.abs().min() > 0
+        opt_ours.step(), opt_ref.step()
+    layers = {n: m for n, m in reference.named_modules() if isinstance(m, AuthorsLinear)}
+    with torch.no_grad():
+        expected = {n: m.base.weight + m.delta() for n, m in layers.items()}
+    merge_adapter(ours)
+    for name, weight in expected.items():
+        torch.testing.assert_close(ours.get_submodule(name).weight.detach(), weight,
+                                   rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("config", [
+    WeGeFTConfig(rank=4, targets="all"), WeGeFTConfig(rank=4, targets="all", shared=False),
+    WeGeFTConfig(rank=4, targets="attn", qkv_parts=("q", "k", "v"))], ids=str)
+def test_initialisation_is_the_authors(config):
+    """phi ~ U(+-1/sqrt(d_in)) (in_proj's fan-in, not r), psi = 0: for every generator kind."""
+    torch.manual_seed(0)
+    model = apply_adapter(tiny_vit(), config)
+    gens = list(get_adapter(model).edits.values())
+    assert len(gens) == (4 if config.shared else 8)
+    d_ins = set()
+    for gen in gens:
+        d_in, rank = gen.phi.weight.shape
+        assert gen.psi.weight.shape == (rank, d_in) and rank == 4
+        assert torch.equal(gen.psi.weight, torch.zeros_like(gen.psi.weight))
+        bound = d_in ** -0.5
+        phi = gen.phi.weight.detach()
+        assert phi.abs().max() <= bound and phi.abs().max() > 0.8 * bound
+        # U(-b, b): variance b^2/3 (n >= 128: within 35% of it)
+        assert abs(phi.var().item() / (bound ** 2 / 3) - 1) < 0.35
+        d_ins.add(d_in)
+    assert d_ins == ({32} if config.qkv_parts else {32, 128})
+
+
 # ---------------------------------------------------------------- training
 
 @pytest.mark.parametrize("config", [WeGeFTConfig(rank=4, targets="all"),

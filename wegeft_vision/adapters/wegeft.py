@@ -5,6 +5,8 @@ layer's input, so training never builds dW; merging folds it into W' = W(I + phi
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -17,8 +19,10 @@ class WeGeFTGenerator(Edit):
     """The generator (phi, psi), psi: d_in -> r, phi: r -> d_in; the layers apply it through
     :mod:`.functional` (x -> x + scale·phi(psi(x))), so it holds parameters and merges.
 
-    phi starts at zero (as in the authors' vision code), so the model starts at its pretrained
-    output; psi keeps PyTorch's default kaiming-uniform initialisation.
+    Initialised as the authors' vision code does (gift/gift/modeling_gift.py, which builds
+    dW = out_proj(in_proj(W)) row by row): phi = in_proj.weight^T starts U(+-1/sqrt(d_in)) (the
+    default init of an ``nn.Linear(d_in, r)``, fan-in d_in) and psi = out_proj.weight^T starts at
+    zero. So the model starts at its pretrained output and at step 1 only psi gets a gradient.
     """
 
     def __init__(self, in_features: int, rank: int, scale: float = 1.0) -> None:
@@ -26,7 +30,13 @@ class WeGeFTGenerator(Edit):
         self.scale = scale
         self.psi = nn.Linear(in_features, rank, bias=False)
         self.phi = nn.Linear(rank, in_features, bias=False)
-        nn.init.zeros_(self.phi.weight)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear(r, d_in) would draw phi with fan-in r; the authors' in_proj has fan-in d_in.
+        bound = 1.0 / math.sqrt(self.phi.weight.shape[0])
+        nn.init.uniform_(self.phi.weight, -bound, bound)
+        nn.init.zeros_(self.psi.weight)
 
     def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
         # (W·phi)·psi keeps the product d_out x r x d_in instead of building a d_in x d_in matrix.
