@@ -9,6 +9,11 @@ the runs at that lr, measured after the last step.
 
     python scripts/compare_demo.py [--jobs 2] [--shots 2 8 16] [--seeds 0 1 2] \
         [--out docs/demo_comparison.md]
+
+Writes the table to ``--out`` and the same numbers as JSON next to it (``--json``, default the
+.md path with .json): per method its trainable parameters, lr grid and, per shot count, the
+selected lr, mean val accuracy, mean and std of the test accuracy and the per-seed test
+accuracies (in the order of ``seeds``), all in %.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import argparse
 import contextlib
 import functools
 import itertools
+import json
 import math
 import resource
 import shlex
@@ -165,6 +171,7 @@ class Cell:
     val: float
     test_mean: float
     test_std: float
+    tests: tuple[float, ...]  # per seed, in the order the seeds were given
 
 
 def select(runs: dict[float, list[tuple[float, float]]]) -> Cell:
@@ -172,23 +179,45 @@ def select(runs: dict[float, list[tuple[float, float]]]) -> Cell:
     best = max(runs, key=lambda lr: statistics.mean(v for v, _ in runs[lr]))
     tests = [100.0 * t for _, t in runs[best]]
     return Cell(best, 100.0 * statistics.mean(v for v, _ in runs[best]), statistics.mean(tests),
-                statistics.stdev(tests) if len(tests) > 1 else 0.0)
+                statistics.stdev(tests) if len(tests) > 1 else 0.0, tuple(tests))
 
 
-def trainable_parameters(method: Method, backbone: Path) -> str:
+def trainable_parameters(method: Method, backbone: Path) -> tuple[int, int]:
+    """(adapter, head) trainable parameter counts."""
     count = count_parameters(build_model(method, backbone))
-    return f"{count.trainable:,} + head {count.head:,}"
+    return count.trainable, count.head
+
+
+def as_json(cells: dict[tuple[str, int], Cell], methods: Sequence[Method], shots: Sequence[int],
+            params: dict[str, tuple[int, int]], seeds: Sequence[int], budget: Budget,
+            command: str, runtime: str) -> dict:
+    """The table's numbers for plotting: accuracies in %, std over seeds (n-1), lr selected."""
+    return {
+        "metric": "test accuracy (%) on the 596 test images of digits 5-9",
+        "seeds": list(seeds), "shots": list(shots), "budget": budget.describe(),
+        "command": command, "runtime": runtime, "torch": torch.__version__,
+        "methods": {m.name: {
+            "trainable_params": params[m.name][0], "head_params": params[m.name][1],
+            "lr_grid": list(m.lrs),
+            "shots": {str(k): {"lr": cells[m.name, k].lr, "val_mean": cells[m.name, k].val,
+                               "mean": cells[m.name, k].test_mean,
+                               "std": cells[m.name, k].test_std,
+                               "per_seed": list(cells[m.name, k].tests)} for k in shots},
+        } for m in methods},
+    }
 
 
 def markdown(cells: dict[tuple[str, int], Cell], methods: Sequence[Method], shots: Sequence[int],
-             params: dict[str, str], seeds: Sequence[int], budget: Budget, command: str,
-             runtime: str) -> str:
+             params: dict[str, tuple[int, int]], seeds: Sequence[int], budget: Budget,
+             command: str, runtime: str) -> str:
     header = "| method | trainable params | " + " | ".join(f"{k}-shot" for k in shots) + " |"
     lines = [header, "|" + " --- |" * (2 + len(shots))]
     for method in methods:
         row = [f"{cells[method.name, k].test_mean:.1f} ± {cells[method.name, k].test_std:.1f}"
                for k in shots]
-        lines.append(f"| {method.name} | {params[method.name]} | " + " | ".join(row) + " |")
+        trainable, head = params[method.name]
+        lines.append(f"| {method.name} | {trainable:,} + head {head:,} | " + " | ".join(row)
+                     + " |")
     lr_lines = ["| method | lr grid | " + " | ".join(f"{k}-shot lr (val %)" for k in shots) + " |",
                 "|" + " --- |" * (2 + len(shots))]
     for method in methods:
@@ -224,6 +253,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="worker processes, one torch thread each (2 suits 2 cores)")
     parser.add_argument("--out", type=Path, default=Path("docs/demo_comparison.md"))
+    parser.add_argument("--json", type=Path, default=None,
+                        help="the numbers as JSON (default: --out with the suffix .json)")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if not args.backbone.is_file():
@@ -270,7 +301,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     table = markdown(cells, methods, args.shots, params, args.seeds, budget, command, runtime)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table, encoding="utf-8")
-    print(f"\n{table}\nwrote {args.out}")
+    json_path = args.json or args.out.with_suffix(".json")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    numbers = as_json(cells, methods, args.shots, params, args.seeds, budget, command, runtime)
+    json_path.write_text(json.dumps(numbers, indent=1) + "\n", encoding="utf-8")
+    print(f"\n{table}\nwrote {args.out} and {json_path}")
 
 
 if __name__ == "__main__":
