@@ -104,3 +104,57 @@ def make_image_folder(root: Path, splits: dict[str, dict[str, int]]) -> Path:
                 write_image(root / split / class_name / f"{index}.png", seed)
                 seed += 1
     return root
+
+
+# Image sizes (width, height) for datasets whose tensors are checked pixel by pixel: at the
+# input size, at FGVC's resize target 18 = floor(16 / (224 / 256)) for a 16 px input, and
+# larger, smaller and non-square ones that need resizing.
+CHECK_SIZES = ((16, 16), (18, 18), (23, 31), (40, 27), (9, 12))
+CHECK_KINDS = ("vtab", "fgvc", "fewshot", "fewshot_resize", "folder", "folder_resize")
+
+
+def make_datamodule(kind: str, root: Path, sizes: Sequence[tuple[int, int]] = CHECK_SIZES,
+                    **common):
+    """A datamodule of ``kind`` (see CHECK_KINDS) over PNGs written under ``root``.
+
+    Every split holds one image per size, image i of a split has label i (so a batch's labels
+    tell which file each image came from); FGVC's train split holds all 102 OxfordFlowers
+    classes, cycling through the sizes. "*_resize" kinds run without augmentation.
+    """
+    from wegeft_vision.data import (FewShotDataModule, FGVCDataModule, ImageFolderDataModule,
+                                    VTAB1kDataModule)
+    seed = iter(range(10_000, 20_000))
+
+    def png(path: Path, index: int) -> str:
+        write_image(path, next(seed), size=sizes[index % len(sizes)])
+        return path.name
+
+    if kind == "vtab":
+        for name in VTAB_LISTS:
+            write_list(root / "toy" / f"{name}.txt",
+                       [(f"images/{name}/{png(root / f'toy/images/{name}/{i}.png', i)}", i)
+                        for i in range(len(sizes))])
+        return VTAB1kDataModule(root, "toy", **common)
+    if kind == "fgvc":
+        for split in ("train", "val", "test"):
+            count = 102 if split == "train" else len(sizes)
+            labels = {f"{split}/{i}.png": i + 1 for i in range(count)}  # 1-based, as VPT's
+            for rel in labels:
+                png(root / rel, int(Path(rel).stem))
+            (root / f"{split}.json").write_text(json.dumps(labels))
+        return FGVCDataModule(root, "OxfordFlowers", **common)
+    if kind.startswith("fewshot"):
+        lists = {"train": "train_meta.list.num_shot_1.seed_0", "val": "val_meta.list",
+                 "test": "test_meta.list"}
+        for split, name in lists.items():
+            folder = root / "toyshot"
+            write_list(folder / "annotations" / name,
+                       [(f"{split}/{png(folder / f'images/{split}/{i}.png', i)}", i)
+                        for i in range(len(sizes))])
+        return FewShotDataModule(root, "toyshot", shots=1, augment=kind == "fewshot", **common)
+    if kind.startswith("folder"):
+        for split in ("train", "val", "test"):
+            for i in range(len(sizes)):
+                png(root / split / f"class{i}" / "0.png", i)
+        return ImageFolderDataModule(root, augment=kind == "folder", **common)
+    raise ValueError(f"unknown kind {kind!r}; expected one of {CHECK_KINDS}")

@@ -73,19 +73,21 @@ def test_nabirds_sparse_ints_val_missing_two_classes(tmp_path):
 
 
 def test_fgvc_transforms_shapes_crops_and_flips(tmp_path):
-    # Input 32 px: short side resized to round(32 * 256 / 224) = 37. A 37 px high image is not
-    # resized, so the centre crop is rows 2..33 and columns round((50 - 32) / 2) = 9..40.
-    path = write_image(tmp_path / "wide.png", seed=1, size=(50, 37))
-    pixels = torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)
+    # Input 32 px: short side resized to floor(32 / (224 / 256)) = 36 (timm's rule). A 36 px high
+    # image is not resized, so the centre crop is rows 2..33 and columns round((50 - 32) / 2) =
+    # 9..40.
+    path = write_image(tmp_path / "wide.png", seed=1, size=(50, 36))
+    image = Image.open(path)
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
     config = backbone_data_config(image_size=32, mean=(0, 0, 0), std=(1, 1, 1))
     evaluate = crop_transform(config, train=False)
-    assert torch.allclose(evaluate(pixels), pixels[:, 2:34, 9:41].float() / 255)
+    assert torch.allclose(evaluate(image), pixels[:, 2:34, 9:41].float() / 255)
     train = crop_transform(config, train=True)
-    windows = {(top, left, flip) for top in range(6) for left in range(19) for flip in (0, 1)}
+    windows = {(top, left, flip) for top in range(5) for left in range(19) for flip in (0, 1)}
     seen = set()
     torch.manual_seed(0)
     for _ in range(40):
-        out = (train(pixels) * 255).round().to(torch.uint8)
+        out = (train(image) * 255).round().to(torch.uint8)
         assert out.shape == (3, 32, 32)
         match = [(t, l, f) for t, l, f in windows
                  if torch.equal(out.flip(-1) if f else out, pixels[:, t:t + 32, l:l + 32])]
@@ -245,7 +247,7 @@ def test_loader_defaults(tmp_path, monkeypatch):
                        r"\(did you mean 'vit_base_patch16_224'\?\)"):
         ImageFolderDataModule(tmp_path, backbone="vit_base_patch16_22")
     with pytest.raises(ValueError, match="unknown interpolation 'cubic'; use one of nearest, "
-                       "nearest-exact, bilinear, bicubic"):
+                       "bilinear, bicubic, box, hamming, lanczos"):
         ImageFolderDataModule(tmp_path, interpolation="cubic")
     assert ImageFolderDataModule(tmp_path, interpolation="BILINEAR").data_config.interpolation \
         == "bilinear"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import lightning as L
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
@@ -24,7 +24,8 @@ from .readers import (RawLabel, Sample, build_label_mapping, check_images_exist,
                       read_json_labels, read_list_file)
 from .registry import (FEWSHOT_DATASETS, VTAB_TASKS, FewShotDataset, VTABTask, did_you_mean,
                        fgvc_dataset, find, normalize_name, spellings)
-from .transforms import SplitTransform, backbone_data_config, crop_transform, resize_transform
+from .transforms import (SplitTransform, backbone_data_config, crop_transform, resize_transform,
+                         timm_eval_config)
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
@@ -162,6 +163,16 @@ class ImageDataModule(L.LightningDataModule):
     def description(self) -> str:
         """Names the data in messages, e.g. "VTAB-1k task 'cifar'"."""
         return f"{type(self).__name__}({self.root})"
+
+    def eval_data_config(self) -> dict[str, Any]:
+        """The evaluation preprocessing as a timm ``pretrained_cfg``: input_size (3, H, W), mean,
+        std, interpolation, crop_pct and crop_mode.
+
+        ``timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=cfg))`` on a
+        PIL image then gives this datamodule's val/test/predict tensors: exactly where no resize
+        happens, else to within the rounding of PIL's resize against torch's.
+        """
+        return timm_eval_config(self.data_config, self.split_transform("test"))
 
     # Lightning hooks.
     def setup(self, stage: Optional[str] = None) -> None:

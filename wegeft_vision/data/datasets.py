@@ -8,7 +8,6 @@ from typing import Optional, Sequence, Union
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms.v2 import functional as F
 
 from .readers import Sample
 from .transforms import SplitTransform
@@ -53,7 +52,7 @@ class ImageListDataset(Dataset):
 
     def prepared(self, index: int) -> torch.Tensor:
         """The uint8 image after the deterministic part of the pipeline."""
-        return self.transform.prepare(F.pil_to_tensor(load_rgb(self.samples[index].path)))
+        return self.transform.prepare(load_rgb(self.samples[index].path))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.cache[index] if self.cache is not None else self.prepared(index)

@@ -1,14 +1,18 @@
 """Normalisation from the backbone's timm data config, and the benchmarks' image pipelines.
 
-Every pipeline is split in two so decoded images can be cached: ``prepare`` (deterministic, uint8
-in and out: the resize, and for evaluation also the centre crop) and ``finish`` (random
-augmentation if any, then float conversion and normalisation). A cached image is the output of
-``prepare``, so cached and uncached loading give identical tensors by construction.
+Every pipeline is split in two so decoded images can be cached: ``prepare`` (deterministic, PIL
+image in, uint8 tensor out: the resize, and for evaluation also the centre crop) and ``finish``
+(random augmentation if any, then float conversion and normalisation). A cached image is the
+output of ``prepare``, so cached and uncached loading give identical tensors by construction.
+``prepare`` resizes with PIL, as the benchmarks' reference code (NOAH, VPT) and timm's eval
+transform do: torch's antialiased resize of uint8 tensors rounds differently (by up to 6 grey
+levels after a bicubic downscale of a noisy image).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import timm
 import torch
@@ -19,8 +23,9 @@ from .checks import optional_int
 from .registry import did_you_mean
 
 Triple = tuple[float, float, float]
-# VPT's FGVC recipe at 224 px: resize the short side to 256, crop 224; scaled to other sizes.
-FGVC_RESIZE_RATIO = 256 / 224
+# VPT's FGVC recipe at 224 px: resize the short side to 256, crop 224. Other sizes follow timm's
+# rule, short side floor(size / crop_pct), so timm's own eval transform reproduces ours.
+FGVC_CROP_PCT = 224 / 256
 
 
 @dataclass(frozen=True)
@@ -33,17 +38,17 @@ class DataConfig:
     interpolation: str
 
 
-# The modes torchvision can resize uint8 tensors with (box, hamming, lanczos are PIL-only).
-TENSOR_INTERPOLATIONS: tuple[InterpolationMode, ...] = (
-    InterpolationMode.NEAREST, InterpolationMode.NEAREST_EXACT, InterpolationMode.BILINEAR,
-    InterpolationMode.BICUBIC)
+# The modes both PIL and timm's interpolation names know.
+INTERPOLATIONS: tuple[InterpolationMode, ...] = (
+    InterpolationMode.NEAREST, InterpolationMode.BILINEAR, InterpolationMode.BICUBIC,
+    InterpolationMode.BOX, InterpolationMode.HAMMING, InterpolationMode.LANCZOS)
 
 
 def _interpolation_mode(name: str) -> InterpolationMode:
-    for mode in TENSOR_INTERPOLATIONS:
+    for mode in INTERPOLATIONS:
         if mode.value == name.lower():
             return mode
-    known = ", ".join(mode.value for mode in TENSOR_INTERPOLATIONS)
+    known = ", ".join(mode.value for mode in INTERPOLATIONS)
     raise ValueError(f"unknown interpolation {name!r}; use one of {known}")
 
 
@@ -86,11 +91,17 @@ def backbone_data_config(backbone: Optional[str] = None, image_size: Optional[in
 
 @dataclass(frozen=True)
 class SplitTransform:
-    """``prepare`` (deterministic, uint8) then ``finish`` (augment, float, normalise)."""
+    """``prepare`` (deterministic, PIL to uint8) then ``finish`` (augment, float, normalise).
+
+    ``crop_pct`` and ``crop_mode`` name the geometry in timm's terms: "squash" with 1.0 resizes
+    to the input size; "center" resizes the short side to ``floor(size / crop_pct)`` and crops.
+    """
 
     prepare: v2.Transform
     finish: v2.Transform
     augments: bool
+    crop_pct: float = 1.0
+    crop_mode: str = "squash"
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return self.finish(self.prepare(image))
@@ -104,17 +115,36 @@ def _finish(config: DataConfig, augment: list[v2.Transform]) -> v2.Compose:
 def resize_transform(config: DataConfig) -> SplitTransform:
     """VTAB-1k: resize to the input size (square for ViTs), no augmentation."""
     mode = _interpolation_mode(config.interpolation)
-    return SplitTransform(v2.Resize(config.input_size, interpolation=mode, antialias=True),
-                          _finish(config, []), augments=False)
+    return SplitTransform(v2.Compose([v2.Resize(config.input_size, interpolation=mode),
+                                      v2.PILToTensor()]), _finish(config, []), augments=False)
 
 
 def crop_transform(config: DataConfig, train: bool) -> SplitTransform:
-    """FGVC: short side to 256/224 of the input size, then random crop + flip or centre crop."""
+    """FGVC: short side to 256/224 of the input size (floored, as timm does), then random crop +
+    flip or centre crop."""
     mode = _interpolation_mode(config.interpolation)
-    short_side = round(min(config.input_size) * FGVC_RESIZE_RATIO)
-    resize = v2.Resize(short_side, interpolation=mode, antialias=True)
+    short_side = math.floor(min(config.input_size) / FGVC_CROP_PCT)
+    resize = v2.Resize(short_side, interpolation=mode)
+    geometry = {"crop_pct": FGVC_CROP_PCT, "crop_mode": "center"}
     if train:
         augment = [v2.RandomCrop(config.input_size), v2.RandomHorizontalFlip(0.5)]
-        return SplitTransform(resize, _finish(config, augment), augments=True)
-    return SplitTransform(v2.Compose([resize, v2.CenterCrop(config.input_size)]),
-                          _finish(config, []), augments=False)
+        return SplitTransform(v2.Compose([resize, v2.PILToTensor()]),
+                              _finish(config, augment), augments=True, **geometry)
+    return SplitTransform(v2.Compose([resize, v2.CenterCrop(config.input_size), v2.PILToTensor()]),
+                          _finish(config, []), augments=False, **geometry)
+
+
+def timm_eval_config(config: DataConfig, transform: SplitTransform) -> dict[str, Any]:
+    """A timm ``pretrained_cfg``-style dict for which
+    ``timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=cfg))`` does
+    what the evaluation ``transform`` does (to within the rounding of PIL's vs torch's resize).
+
+    Raises ValueError for a centre crop to a non-square size, which timm resizes another way.
+    """
+    height, width = config.input_size
+    if transform.crop_mode == "center" and height != width:
+        raise ValueError(f"timm's centre crop resizes a non-square input size {height}x{width} "
+                         "differently from ours; use a square image_size")
+    return {"input_size": (3, height, width), "mean": config.mean, "std": config.std,
+            "interpolation": config.interpolation, "crop_pct": transform.crop_pct,
+            "crop_mode": transform.crop_mode}
