@@ -100,13 +100,17 @@ class WeGeFTCLI(LightningCLI):
 def _export_main(args: list[str]) -> None:
     parser = ArgumentParser(prog="wegeft-vision export",
                             description="Merge a checkpoint's adapter into its backbone and write "
-                                        "a plain timm model: model.safetensors + config.json.")
+                                        "a plain timm model (model.safetensors, config.json with "
+                                        "the run's preprocessing, a model card README.md), "
+                                        "optionally model.onnx, optionally pushed to the hub.")
     parser.add_argument("-c", "--config", action=ActionConfigFile)
     parser.add_function_arguments(export_checkpoint)
     cfg = parser.parse_args(args)
     cfg.pop("config", None)
     weights = export_checkpoint(**cfg.as_dict())
-    print(f"wrote {weights} and {weights.with_name('config.json')}", flush=True)
+    print(f"wrote {', '.join(sorted(p.name for p in weights.parent.iterdir()))} to "
+          f"{weights.parent}" + (f"; pushed to the hub as {cfg.push_to_hub}"
+                                 if cfg.push_to_hub else ""), flush=True)
 
 
 def cli_main(args: Optional[list[str]] = None, run: bool = True) -> Optional[WeGeFTCLI]:

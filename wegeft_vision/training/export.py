@@ -1,66 +1,191 @@
-"""Turn a training checkpoint into a plain timm model: merged weights plus timm's config.json.
+"""Turn a training checkpoint into a plain timm model, optionally ONNX, optionally on the hub.
 
-The output folder loads with timm alone, no wegeft_vision import::
+The output folder holds the merged weights (``model.safetensors``), timm's ``config.json`` with
+the preprocessing the run evaluated with, a model card (``README.md``) and the run's
+configuration (``training_config.yaml``). It loads with timm alone (timm >= 1.0.16)::
 
-    timm.create_model("local-dir:<folder>", pretrained=True)
+    model = timm.create_model("local-dir:<folder>", pretrained=True)
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
 
-or, spelling out the name, class count and architecture arguments from config.json::
-
-    timm.create_model(cfg["architecture"], pretrained=True, num_classes=cfg["num_classes"],
-                      pretrained_cfg_overlay=dict(file="<folder>/model.safetensors",
-                                                  num_classes=cfg["num_classes"]),
-                      **model_args)  # config.json's model_args without num_classes
-
-(``num_classes`` in the overlay keeps timm from dropping the fine-tuned head, which it does
-when the class count differs from the pretrained config's.)
+and the transform gives the tensors the run's evaluation saw (VTAB-1k: resize to the input size;
+FGVC: resize the short side, centre crop). Once pushed, ``"hf-hub:user/name"`` loads the same.
 """
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import json
+import shutil
+import warnings
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from safetensors.torch import save_file
-from timm.models._hub import save_config_for_hf
+import torch
+from timm.data import resolve_data_config
+from timm.models import save_for_hf
 
 from ..adapters import merge_adapter
+from .model_card import run_folder, write_model_card
 from .module import ViTClassifier
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+ONNX_NAME = "model.onnx"
+TRAINING_CONFIG_NAME = "training_config.yaml"
+# Every file an export may hold: replaced or removed together, so a folder (or a hub repo) never
+# mixes files of two exports. pytorch_model.bin is what timm's own push_to_hf_hub adds.
+EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, ONNX_NAME, TRAINING_CONFIG_NAME,
+                "pytorch_model.bin")
+# The parts of timm's pretrained config that describe the architecture; the rest (tag, licence,
+# source, paper, test-time sizes, the source's labels) describes the backbone's pretraining.
+ARCHITECTURE_CFG_KEYS = ("architecture", "first_conv", "classifier", "fixed_input_size",
+                         "pool_size")
+DATA_CFG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+ONNX_MODULES = ("onnx", "onnxscript")
+
+
+def export_pretrained_cfg(model: torch.nn.Module, data_config: Optional[dict[str, Any]],
+                          license: Optional[str], where: str) -> dict[str, Any]:
+    """timm's pretrained config for the export: the architecture's keys, the run's preprocessing
+    (``data_config``, timm's form) and the exporter's licence."""
+    cfg = {k: model.pretrained_cfg[k] for k in ARCHITECTURE_CFG_KEYS if k in model.pretrained_cfg}
+    missing = [k for k in DATA_CFG_KEYS if k not in (data_config or {})]
+    if missing:
+        warnings.warn(f"{where} does not record the run's evaluation preprocessing "
+                      f"({', '.join(missing)}): config.json leaves them to timm's defaults, which "
+                      "may not be what the run evaluated with", stacklevel=3)
+    cfg.update({k: v for k, v in (data_config or {}).items() if k in DATA_CFG_KEYS})
+    cfg.update(num_classes=model.num_classes, custom_load=False)
+    if license:
+        cfg["license"] = license
+    return cfg
 
 
 def export_checkpoint(ckpt_path: Union[str, Path], output_dir: Union[str, Path],
-                      checkpoint_path: Optional[str] = None, overwrite: bool = False) -> Path:
-    """Merge a checkpoint's adapter into its backbone and write ``model.safetensors`` and
-    ``config.json`` (timm's format: architecture, num_classes, model_args, pretrained_cfg with
-    the training normalisation, label_names) to ``output_dir``.
+                      weights_path: Optional[str] = None,
+                      format: Literal["safetensors", "onnx"] = "safetensors",
+                      license: Optional[str] = None, push_to_hub: Optional[str] = None,
+                      private: Optional[bool] = None, revision: Optional[str] = None,
+                      overwrite: bool = False, checkpoint_path: Optional[str] = None) -> Path:
+    """Merge a checkpoint's adapter into its backbone and write a plain timm model.
 
     Args:
         ckpt_path: a checkpoint written by ``wegeft-vision fit``.
         output_dir: folder to write; created if missing.
-        checkpoint_path: backbone weights file, if it moved since training.
-        overwrite: replace files already in ``output_dir``.
+        weights_path: backbone weights file, if it moved since training.
+        format: ``safetensors`` writes the timm folder; ``onnx`` also writes ``model.onnx`` (the
+            merged model, dynamic batch; needs ``pip install "wegeft-vision[onnx]"``).
+        license: licence of the exported model (a hub id such as ``apache-2.0``), written to
+            the model card and config.json; not copied from the backbone.
+        push_to_hub: ``user/name``: upload the folder to this Hugging Face hub repository
+            (created if missing); the token comes from ``HF_TOKEN`` or ``hf auth login``.
+        private: create the hub repository private (None: the hub's default for the owner).
+        revision: hub branch to push to (created if missing; default: main).
+        overwrite: replace an earlier export in ``output_dir``.
+        checkpoint_path: deprecated name of ``weights_path``.
 
     Returns:
         The path of the weights file.
     """
+    if checkpoint_path is not None:
+        warnings.warn("export_checkpoint(checkpoint_path=...) is deprecated: use weights_path "
+                      "(--weights_path)", FutureWarning, stacklevel=2)
+        if weights_path is not None:
+            raise ValueError("give the backbone weights as weights_path only, not also as the "
+                             "deprecated checkpoint_path")
+        weights_path = checkpoint_path
+    if format not in ("safetensors", "onnx"):
+        raise ValueError(f"format must be 'safetensors' or 'onnx', got {format!r}")
+    if format == "onnx":
+        absent = [m for m in ONNX_MODULES if importlib.util.find_spec(m) is None]
+        if absent:
+            raise ImportError(f"--format onnx needs {', '.join(absent)}: pip install "
+                              "\"wegeft-vision[onnx]\"")
     ckpt_path, output_dir = Path(ckpt_path), Path(output_dir)
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt_path} does not exist")
-    targets = [output_dir / WEIGHTS_NAME, output_dir / CONFIG_NAME]
-    existing = [str(p) for p in targets if p.exists()]
+    existing = [str(output_dir / n) for n in EXPORT_FILES if (output_dir / n).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} already exist; pass overwrite=True "
                               "(--overwrite true) to replace them")
-    overrides = {} if checkpoint_path is None else {"checkpoint_path": checkpoint_path}
-    module = ViTClassifier.from_checkpoint(ckpt_path, **overrides)
-    info = module.checkpoint_info or {}
-    model = merge_adapter(module.model).eval()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-              str(targets[0]), metadata={"format": "pt"})
-    model_config = {"label_names": info["class_names"]} if info.get("class_names") else {}
-    save_config_for_hf(model, str(targets[1]), model_config=model_config,
-                       data_config=info.get("data_config"))
-    return targets[0]
 
+    module = ViTClassifier.from_checkpoint(ckpt_path, **_weights_override(weights_path))
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    info = module.checkpoint_info or {}
+    where = f"checkpoint {ckpt_path}"
+    pretrained_cfg = export_pretrained_cfg(module.model, info.get("data_config"), license, where)
+    count = module.parameter_count()
+    model = merge_adapter(module.model).eval()
+    model.pretrained_cfg = pretrained_cfg  # what save_for_hf writes, in every timm version
+
+    for name in existing:
+        Path(name).unlink()
+    # save_for_hf (timm's public API) takes data_config only from timm 1.0.31; the preprocessing
+    # travels in model.pretrained_cfg instead. model_args are given explicitly because timm
+    # before 1.0.31 records none.
+    model_args = dict(module.hparams.backbone_kwargs or {})
+    label_names = {"label_names": info["class_names"]} if info.get("class_names") else {}
+    save_for_hf(model, str(output_dir), model_config=label_names, model_args=model_args,
+                safe_serialization=True)
+    _check_config(output_dir / CONFIG_NAME, pretrained_cfg)
+    config_yaml = run_folder(ckpt_path) / "config.yaml"
+    if config_yaml.is_file():
+        shutil.copyfile(config_yaml, output_dir / TRAINING_CONFIG_NAME)
+    if format == "onnx":
+        export_onnx(model, output_dir / ONNX_NAME, pretrained_cfg.get("input_size"))
+    files = sorted({CARD_NAME, *(p.name for p in output_dir.iterdir() if p.name in EXPORT_FILES)})
+    write_model_card(output_dir / CARD_NAME, module=module, count=count, checkpoint=checkpoint,
+                     ckpt_path=ckpt_path, license=license, files=files)
+    if push_to_hub:
+        push_export(output_dir, push_to_hub, private=private, revision=revision)
+    return output_dir / WEIGHTS_NAME
+
+
+def _weights_override(weights_path: Optional[str]) -> dict[str, str]:
+    if weights_path is None:
+        return {}
+    # The model's hyper-parameter is being renamed from checkpoint_path to weights_path.
+    params = inspect.signature(ViTClassifier.__init__).parameters
+    return {"weights_path" if "weights_path" in params else "checkpoint_path": weights_path}
+
+
+def _check_config(path: Path, expected: dict[str, Any]) -> None:
+    """Read config.json back the way timm does: its eval preprocessing must be the run's."""
+    written = json.loads(path.read_text())["pretrained_cfg"]
+    resolved = resolve_data_config(pretrained_cfg=written)
+    wrong = {k: (resolved[k], expected[k]) for k in DATA_CFG_KEYS
+             if k in expected and json.loads(json.dumps(resolved[k])) !=
+             json.loads(json.dumps(expected[k]))}
+    if wrong:
+        raise RuntimeError(f"{path}: timm resolves the preprocessing differently from the run's "
+                           f"(timm's, the run's): {wrong}")
+
+
+def export_onnx(model: torch.nn.Module, path: Path, input_size: Optional[list[int]]) -> None:
+    """Write ``model`` to ONNX with input ``images`` (batch, C, H, W), dynamic batch, and
+    output ``logits``."""
+    channels, height, width = input_size or model.pretrained_cfg["input_size"]
+    example = torch.zeros(2, channels, height, width)
+    torch.onnx.export(model, (example,), str(path), input_names=["images"],
+                      output_names=["logits"], dynamo=True, verbose=False,
+                      dynamic_shapes=({0: torch.export.Dim("batch")},))
+
+
+def push_export(folder: Union[str, Path], repo_id: str, private: Optional[bool] = None,
+                revision: Optional[str] = None) -> Any:
+    """Upload an export folder to the Hugging Face hub as one commit.
+
+    The folder is uploaded as written (not re-serialised): the hub gets the files and the card
+    that were checked here, and an earlier export's files in the repository are removed in the
+    same commit, so its card cannot outlive its weights.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi()  # token: HF_TOKEN or the cached `hf auth login`, as huggingface_hub resolves it
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
+                             commit_message="Add model exported by wegeft-vision",
+                             delete_patterns=list(EXPORT_FILES))
