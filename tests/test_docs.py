@@ -1,0 +1,376 @@
+"""Every example in README.md and docs/*.md runs as written, so none goes stale.
+
+The convention (docs/docs-examples.md says it for writers):
+
+- A block tagged ``python``, ``bash``, ``sh``, ``shell`` or ``console`` is an example: it runs,
+  in page order, in one temporary folder per page that holds the repository's ``data/``,
+  ``configs/`` and ``scripts/``, so a block can use what an earlier block of the page wrote.
+- ``<!-- not-run: reason -->`` on the line(s) just above a block: the block does not run; the
+  reason (a GPU, SLURM, the hub, real datasets, minutes of compute) is required. ``console``
+  transcripts can only be shown this way.
+- ``<!-- test-with: "old" -> "new"; "old2" -> "new2" -->``: the test runs the block with
+  these replacements (fewer epochs, a folder that exists here); each "old" must occur in it.
+- ``<!-- output-in-comments -->``: every line the Python block prints appears in it as
+  ``# <line>``.
+- Other blocks hold data or output and must say so: ``text``, ``yaml`` and ``json`` (the last
+  two must parse). A block with no tag, or another tag, fails the test.
+
+Shell lines run in this process where they call ``wegeft-vision`` or ``python``, which spares the
+seconds of imports per command; a line with pipes or redirections, another program, or a DDP run
+(which starts processes of its own) runs in a real shell with this environment's ``bin`` first on
+PATH.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import runpy
+import shlex
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+RUN_TAGS = {"python", "bash", "sh", "shell", "console"}
+DATA_TAGS = {"text", "yaml", "json"}
+SHARED = ("data", "configs", "scripts")
+SHELL_SYNTAX = re.compile(r"[|&;<>`]|\$\(")
+
+
+@dataclass
+class Block:
+    page: Path
+    line: int  # 1-based line of the opening fence
+    tag: str
+    code: str
+    markers: list[str] = field(default_factory=list)
+
+    @property
+    def where(self) -> str:
+        return f"{_rel(self.page)}:{self.line}"
+
+    def marker(self, name: str) -> str | None:
+        for marker in self.markers:
+            if marker == name or marker.startswith(name + ":"):
+                return marker[len(name) + 1:].strip()
+        return None
+
+    @property
+    def not_run(self) -> str | None:
+        return self.marker("not-run")
+
+    def substitutions(self) -> list[tuple[str, str]]:
+        spec = self.marker("test-with")
+        if spec is None:
+            return []
+        pairs = re.findall(r'"((?:[^"\\]|\\.)*)"\s*->\s*"((?:[^"\\]|\\.)*)"', spec)
+        if not pairs or len(pairs) != spec.count("->"):
+            raise ValueError(f"{self.where}: test-with wants '\"old\" -> \"new\"; ...', "
+                             f"got {spec!r}")
+        return pairs
+
+    def code_to_run(self) -> str:
+        code = self.code
+        for old, new in self.substitutions():
+            if old not in code:
+                raise ValueError(f"{self.where}: test-with replaces {old!r}, which the block "
+                                 "does not contain (the example changed: update the marker)")
+            code = code.replace(old, new)
+        return code
+
+
+def _rel(page: Path) -> str:
+    return str(page.relative_to(REPO)) if page.is_relative_to(REPO) else str(page)
+
+
+def parse_blocks(page: Path) -> list[Block]:
+    """Fenced blocks with the HTML-comment markers on the lines just above them."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        opening = re.match(r"^(\s*)(`{3,}|~{3,})\s*([^\s`]*)", lines[i])
+        if not opening:
+            i += 1
+            continue
+        indent, fence, tag = opening.groups()
+        end = i + 1
+        while end < len(lines) and not re.match(rf"^\s*{re.escape(fence)}\s*$", lines[end]):
+            end += 1
+        if end == len(lines):
+            raise ValueError(f"{_rel(page)}:{i + 1}: code block never closed")
+        markers, j = [], i - 1
+        while j >= 0 and re.match(r"^\s*<!--.*-->\s*$", lines[j]):
+            markers.insert(0, re.sub(r"^\s*<!--\s*|\s*-->\s*$", "", lines[j]))
+            j -= 1
+        code = textwrap.dedent("\n".join(lines[i + 1:end])) + "\n"
+        blocks.append(Block(page, i + 1, tag.lower(), code, markers))
+        i = end + 1
+    return blocks
+
+
+BLOCKS = {page: parse_blocks(page) for page in PAGES}
+PAGE_IDS = [_rel(page) for page in PAGES]
+
+
+def test_pages_exist_and_have_examples():
+    names = {p.relative_to(REPO).as_posix() for p in PAGES}
+    for needed in ("README.md", "docs/index.md", "docs/getting-started.md", "docs/method.md",
+                   "docs/library.md", "docs/api.md", "docs/cli.md", "docs/data.md",
+                   "docs/protocols.md", "docs/demo.md", "docs/docs-examples.md"):
+        assert needed in names, f"{needed} is missing"
+    running = [b for blocks in BLOCKS.values() for b in blocks
+               if b.tag in RUN_TAGS and b.not_run is None]
+    assert len(running) >= 20, f"only {len(running)} examples run: the docs lost their examples"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=PAGE_IDS)
+def test_every_block_is_run_or_marked(page):
+    """The rule that keeps examples honest: code runs, or says why not; data says it is data."""
+    problems = []
+    for block in BLOCKS[page]:
+        if block.tag in RUN_TAGS:
+            reason = block.not_run
+            if reason is not None and not reason:
+                problems.append(f"{block.where}: not-run needs a reason")
+            if block.tag == "console" and reason is None:
+                problems.append(f"{block.where}: a console transcript cannot run: mark it "
+                                "<!-- not-run: reason --> or make it a bash block")
+            try:
+                block.code_to_run()
+            except ValueError as err:
+                problems.append(str(err))
+        elif block.tag in DATA_TAGS:
+            if block.not_run is not None or block.substitutions():
+                problems.append(f"{block.where}: a {block.tag} block is never run: drop the "
+                                "marker")
+            try:
+                if block.tag == "yaml":
+                    yaml.safe_load(block.code)
+                elif block.tag == "json":
+                    json.loads(block.code)
+            except (yaml.YAMLError, json.JSONDecodeError) as err:
+                problems.append(f"{block.where}: the {block.tag} block does not parse: {err}")
+        else:
+            problems.append(f"{block.where}: block tagged {block.tag or '(nothing)'!r}: tag it "
+                            f"{sorted(RUN_TAGS)} (an example, run by the tests) or "
+                            f"{sorted(DATA_TAGS)} (data or output)")
+        unknown = [m for m in block.markers
+                   if m.split(":")[0] not in ("not-run", "test-with", "output-in-comments")]
+        if unknown:
+            problems.append(f"{block.where}: unknown marker(s) {unknown}")
+        if block.marker("output-in-comments") is not None and block.tag != "python":
+            problems.append(f"{block.where}: output-in-comments applies to python blocks")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_parser_sees_markers_and_rejects_untagged_blocks(tmp_path):
+    """The checks above would pass vacuously if the parser missed blocks or markers."""
+    page = tmp_path / "page.md"
+    page.write_text(textwrap.dedent("""\
+        Text.
+
+        <!-- not-run: needs a GPU -->
+        ```bash
+        wegeft-vision fit --trainer.accelerator gpu
+        ```
+
+        <!-- test-with: "--trainer.max_epochs 50" -> "--trainer.max_epochs 1" -->
+        ```bash
+        wegeft-vision fit --trainer.max_epochs 50
+        ```
+
+        - In a list:
+
+          ```
+          untagged
+          ```
+        """))
+    blocks = parse_blocks(page)
+    assert [(b.tag, b.line) for b in blocks] == [("bash", 4), ("bash", 9), ("", 15)]
+    assert blocks[0].not_run == "needs a GPU" and blocks[1].not_run is None
+    assert blocks[1].code_to_run() == "wegeft-vision fit --trainer.max_epochs 1\n"
+    assert blocks[2].code == "untagged\n"
+    stale = Block(page, 1, "bash", "wegeft-vision fit\n", ['test-with: "--x 1" -> "--x 2"'])
+    with pytest.raises(ValueError, match="does not contain"):
+        stale.code_to_run()
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the examples
+
+
+def _shell_lines(code: str) -> list[str]:
+    """Commands of a shell block: continuation lines joined, comment-only lines dropped."""
+    joined = re.sub(r"\\\n\s*", " ", code)
+    return [line.strip() for line in joined.splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def _bin_path() -> str:
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+
+
+@contextlib.contextmanager
+def _argv_env(argv: list[str], env: dict[str, str]):
+    saved_argv, saved_env = sys.argv, {k: os.environ.get(k) for k in env}
+    sys.argv = argv
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        sys.argv = saved_argv
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _exit_ok(run, what: str) -> None:
+    try:
+        run()
+    except SystemExit as exit_:
+        if exit_.code not in (None, 0):
+            raise AssertionError(f"{what} exited with status {exit_.code}") from exit_
+
+
+def run_shell_line(line: str, where: str) -> None:
+    words = shlex.split(line, comments=True)
+    env = {}
+    while words and re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", words[0]):
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    program = Path(words[0]).name if words else ""
+    in_process = (not SHELL_SYNTAX.search(line) and "ddp" not in words
+                  and (program == "wegeft-vision"
+                       or (program in ("python", "python3") and len(words) > 1
+                           and words[1] != "-m")))
+    if not in_process:
+        result = subprocess.run(["bash", "-ec", line], capture_output=True, text=True,
+                                timeout=600, env={**os.environ, "PATH": _bin_path()})
+        assert result.returncode == 0, (f"{where}: `{line}` failed ({result.returncode}):\n"
+                                        f"{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+        return
+    what = f"{where}: `{line}`"
+    if program == "wegeft-vision":
+        from wegeft_vision.cli import main
+        with _argv_env(["wegeft-vision", *words[1:]], env):
+            _exit_ok(main, what)
+    elif words[1] == "-c":
+        with _argv_env(["-c", *words[3:]], env):
+            _exit_ok(lambda: exec(compile(words[2], "<python -c>", "exec"),
+                                  {"__name__": "__main__"}), what)
+    else:
+        script = Path(words[1]).resolve()
+        sys.path.insert(0, str(script.parent))  # as `python script.py` puts the script's folder first
+        try:
+            with _argv_env([words[1], *words[2:]], env):
+                _exit_ok(lambda: runpy.run_path(str(script), run_name="__main__"), what)
+        finally:
+            sys.path.remove(str(script.parent))
+
+
+def run_python_block(block: Block) -> None:
+    code = block.code_to_run()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), _argv_env([block.where], {}):
+        _exit_ok(lambda: exec(compile(code, block.where, "exec"), {"__name__": "__main__"}),
+                 block.where)
+    if block.marker("output-in-comments") is not None:
+        lines = printed.getvalue().splitlines()
+        assert lines, f"{block.where}: the example prints nothing to check"
+        for line in lines:
+            assert f"# {line}" in code, (f"{block.where}: prints {line!r}, which its comments "
+                                         "do not show")
+
+
+RUNNABLE = [(page, [b for b in BLOCKS[page] if b.tag in RUN_TAGS and b.not_run is None])
+            for page in PAGES]
+RUNNABLE = [(page, blocks) for page, blocks in RUNNABLE if blocks]
+
+
+@pytest.mark.parametrize("page, blocks", RUNNABLE,
+                         ids=[_rel(p) for p, _ in RUNNABLE])
+def test_page_examples_run(page, blocks, tmp_path, monkeypatch):
+    for shared in SHARED:
+        (tmp_path / shared).symlink_to(REPO / shared)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for block in blocks:
+        if block.tag == "python":
+            run_python_block(block)
+        else:
+            for line in _shell_lines(block.code_to_run()):
+                run_shell_line(line, block.where)
+
+
+# ---------------------------------------------------------------------------------------------
+# The README: short, the CI's commands, and numbers that come from the measured files
+
+
+README = (REPO / "README.md").read_text(encoding="utf-8")
+SETUP = 'python3 -m venv .venv && .venv/bin/pip install -e ".[dev]"'
+TESTS = ".venv/bin/python -m pytest"
+
+
+def test_readme_is_short_and_links_into_the_docs():
+    assert len(README.splitlines()) <= 220, "README.md should stay a one-screen overview"
+    links = re.findall(r"\]\((docs/[^)#]+)(?:#[^)]*)?\)", README)
+    assert len(set(links)) >= 10, "README.md should link the documentation pages"
+    missing = [link for link in links if not (REPO / link).is_file()]
+    assert not missing, f"README.md links pages that do not exist: {missing}"
+
+
+def test_readme_setup_is_what_ci_runs():
+    """CI builds its environment with the README's own set-up line: they must not drift."""
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    for command in (SETUP, TESTS):
+        assert command in README, f"README.md lost the command {command!r}"
+        assert command in ci, f".ci/run no longer runs {command!r}"
+
+
+def _table_row(text: str, first_cell: str) -> list[str]:
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"README.md has no table row for {first_cell!r}")
+
+
+def test_readme_parameter_counts_are_counted():
+    import timm
+
+    from wegeft_vision import LoRAConfig, WeGeFTConfig, apply_adapter, count_parameters
+
+    rows = {"WeGeFT r = 16, one generator shared by the 12 blocks":
+            WeGeFTConfig(rank=16, targets="attn.proj", shared=True),
+            "LoRA r = 8, one pair per block": LoRAConfig(rank=8, targets="attn.proj")}
+    for label, config in rows.items():
+        model = timm.create_model("vit_base_patch16_224.augreg_in21k", pretrained=False,
+                                  num_classes=100)
+        apply_adapter(model, config)
+        count = count_parameters(model)
+        assert _table_row(README, label)[1:] == [f"{count.trainable:,}",
+                                                 f"{count.percent:.3f} %"], label
+
+
+def test_readme_demo_numbers_are_the_measured_ones():
+    numbers = json.loads((REPO / "docs" / "demo_comparison.json").read_text(encoding="utf-8"))
+    shots = [str(k) for k in numbers["shots"]]
+    header = _table_row(README, "method")
+    assert header[2:] == [f"{k}-shot" for k in shots], "README's demo table has other columns"
+    for name, method in numbers["methods"].items():
+        row = _table_row(README, name)
+        cells = [method["shots"][k] for k in shots]
+        assert row[1] == f"{method['trainable_params']:,} + head {method['head_params']:,}", name
+        assert row[2:] == [f"{c['mean']:.1f} ± {c['std']:.1f}" for c in cells], (
+            f"README's demo row {name!r} differs from docs/demo_comparison.json")
