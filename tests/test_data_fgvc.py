@@ -253,3 +253,35 @@ def test_loader_defaults(tmp_path, monkeypatch):
         == "bilinear"
     with pytest.raises(ValueError, match=r"mean must hold 3 values"):
         ImageFolderDataModule(tmp_path, mean=(0.5, 0.5))
+
+
+def test_image_folder_skips_hidden_folders_and_files(tmp_path):
+    make_image_folder(tmp_path, {"train": {"cat": 2, "dog": 1}, "val": {"dog": 1},
+                                 "test": {"cat": 1}})
+    hidden_images = ["train/.ipynb_checkpoints/0-checkpoint.png", "train/cat/._0.png",
+                     "train/cat/.ipynb_checkpoints/0-checkpoint.png",
+                     "val/.ipynb_checkpoints/x.png", "test/cat/.hidden.png"]
+    for rel in hidden_images:
+        write_image(tmp_path / rel, 9)
+    (tmp_path / "train/cat/._1.png").write_bytes(b"macOS resource fork, not a PNG")
+    for rel in ("train/.DS_Store", "train/cat/.DS_Store", "val/.DS_Store"):
+        (tmp_path / rel).write_bytes(b"\x00\x00\x00\x01Bud1")
+    write_image(tmp_path / "train/dog/more/1.png", 10)  # a class's images may be nested
+    dm = ImageFolderDataModule(tmp_path, augment=False, **COMMON)
+    assert dm.class_names == ["cat", "dog"] and dm.num_classes == 2
+    dm.setup()
+    paths = {split: [s.path.relative_to(tmp_path).as_posix() for s in dm.datasets[split].samples]
+             for split in ("train", "val", "test")}
+    assert paths == {"train": ["train/cat/0.png", "train/cat/1.png", "train/dog/0.png",
+                               "train/dog/more/1.png"],
+                     "val": ["val/dog/0.png"], "test": ["test/cat/0.png"]}
+    assert dm.datasets["train"].labels == [0, 0, 1, 1]
+    (tmp_path / "train/dog/0.png").unlink()
+    (tmp_path / "train/dog/more/1.png").unlink()
+    with pytest.raises(ValueError, match=r"train: class folder\(s\) dog hold no images with "
+                       r"extensions \.jpg"):
+        ImageFolderDataModule(tmp_path).setup("fit")
+    (tmp_path / "other/train/.ipynb_checkpoints").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"ImageFolder train folder .*/other/train holds no class "
+                       r"folders; it holds: \.ipynb_checkpoints/"):
+        ImageFolderDataModule(tmp_path / "other")

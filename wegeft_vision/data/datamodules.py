@@ -16,12 +16,12 @@ import lightning as L
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 import torch
 from torch.utils.data import DataLoader
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .checks import listing, optional_int, require_dir, require_int
 from .datasets import ImageListDataset
-from .readers import (RawLabel, Sample, build_label_mapping, check_images_exist, json_samples,
-                      read_json_labels, read_list_file)
+from .readers import (NO_LABEL, RawLabel, Sample, build_label_mapping, check_images_exist,
+                      class_folders, image_files, json_samples, read_json_labels, read_list_file)
 from .registry import (FEWSHOT_DATASETS, VTAB_TASKS, FewShotDataset, VTABTask, did_you_mean,
                        fgvc_dataset, find, normalize_name, spellings)
 from .transforms import (SplitTransform, backbone_data_config, crop_transform, resize_transform,
@@ -30,10 +30,12 @@ from .transforms import (SplitTransform, backbone_data_config, crop_transform, r
 log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+# "predict" is the images under predict_root; without predict_root, predict reads the test split.
 STAGE_SPLITS: dict[Optional[str], tuple[str, ...]] = {
-    "fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",),
-    None: SPLITS,
+    "fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",),
+    None: (*SPLITS, "predict"),
 }
+IMAGE_EXTENSIONS = ", ".join(IMG_EXTENSIONS)
 # Auto caching keeps the train and val splits (read every epoch) while they fit in this budget.
 DEFAULT_CACHE_BUDGET_GB = 2.0
 MAX_AUTO_WORKERS = 8
@@ -120,6 +122,9 @@ class ImageDataModule(L.LightningDataModule):
             caches every split without augmentation; False caches nothing.
         pin_memory: pin batches in page-locked memory; None pins when CUDA is available.
         cache_budget_gb: memory the automatic cache may use, in GiB.
+        predict_root: a folder of new images to classify: ``predict`` then reads every image
+            under it (recursively, in sorted order, hidden files and folders skipped; no labels)
+            with the evaluation pipeline, instead of the test split.
     """
 
     def __init__(self, root: PathLike, batch_size: int = 32, num_workers: Optional[int] = None,
@@ -128,7 +133,8 @@ class ImageDataModule(L.LightningDataModule):
                  std: Optional[tuple[float, float, float]] = None,
                  interpolation: Optional[str] = None, cache: Optional[bool] = None,
                  pin_memory: Optional[bool] = None,
-                 cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB) -> None:
+                 cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB,
+                 predict_root: Optional[PathLike] = None) -> None:
         super().__init__()
         require_int(batch_size, "batch_size", 1)
         optional_int(num_workers, "num_workers", 0)
@@ -137,8 +143,11 @@ class ImageDataModule(L.LightningDataModule):
         # num_classes is the model's hyperparameter: a subclass's unresolved None here would make
         # Lightning refuse to log a model and datamodule that disagree on it.
         self.save_hyperparameters(ignore=["num_classes"])
-        self.hparams["root"] = str(root)  # Path objects break loading checkpoints with weights_only
+        # Path objects break loading checkpoints with weights_only.
+        self.hparams["root"] = str(root)
+        self.hparams["predict_root"] = None if predict_root is None else str(predict_root)
         self.root = Path(root).expanduser()
+        self.predict_root = None if predict_root is None else Path(predict_root).expanduser()
         self.batch_size = batch_size
         self.data_config = backbone_data_config(backbone, image_size, mean, std, interpolation)
         self._auto_workers = num_workers is None
@@ -169,8 +178,8 @@ class ImageDataModule(L.LightningDataModule):
         std, interpolation, crop_pct and crop_mode.
 
         ``timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=cfg))`` on a
-        PIL image then gives this datamodule's val/test/predict tensors: exactly where no resize
-        happens, else to within the rounding of PIL's resize against torch's.
+        PIL image then gives this datamodule's val/test/predict tensors (to float32 rounding:
+        both resize with PIL).
         """
         return timm_eval_config(self.data_config, self.split_transform("test"))
 
@@ -179,15 +188,32 @@ class ImageDataModule(L.LightningDataModule):
         """Validate the splits ``stage`` needs, then fill the cache where it is on."""
         if stage not in STAGE_SPLITS:
             raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGE_SPLITS)}")
-        new = [split for split in STAGE_SPLITS[stage] if split not in self.datasets]
-        samples = {split: self.read_split(split) for split in new}
+        splits = STAGE_SPLITS[stage]
+        if self.predict_root is None:
+            splits = tuple(dict.fromkeys("test" if s == "predict" else s for s in splits))
+        new = [split for split in splits if split not in self.datasets]
+        samples = {split: self._read(split) for split in new}
         for split, split_samples in samples.items():
             check_images_exist(split_samples, f"{self.description}, {split} split")
         for split in new:
-            self.datasets[split] = ImageListDataset(samples[split], self.split_transform(split))
+            # New images get the evaluation pipeline.
+            transform = self.split_transform("test" if split == "predict" else split)
+            self.datasets[split] = ImageListDataset(samples[split], transform,
+                                                    labelled=split != "predict")
         for split in new:
             if self._should_cache(split):
                 self.datasets[split].fill_cache(self.num_workers)
+
+    def _read(self, split: str) -> list[Sample]:
+        if split != "predict":
+            return self.read_split(split)
+        folder = require_dir(self.predict_root, "predict_root folder")
+        files = image_files(folder)
+        if not files:
+            raise ValueError(f"predict_root {folder} holds no images with extensions "
+                             f"{IMAGE_EXTENSIONS} (hidden files and folders are skipped); it "
+                             f"holds: {listing(folder)}")
+        return [Sample(path, NO_LABEL, f"predict_root {folder}") for path in files]
 
     def _should_cache(self, split: str) -> bool:
         dataset = self.datasets[split]
@@ -195,7 +221,7 @@ class ImageDataModule(L.LightningDataModule):
             return False
         if self.cache:
             return True
-        if split == "test":
+        if split in ("test", "predict"):
             return False  # read once per run: decoding it up front gains nothing
         height, width = self.data_config.input_size
         used = sum(ds.cache.numel() for ds in self.datasets.values() if ds.cache is not None)
@@ -233,7 +259,7 @@ class ImageDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test" if self.predict_root is None else "predict", shuffle=False)
 
 
 class VTAB1kDataModule(ImageDataModule):
@@ -428,7 +454,9 @@ class ImageFolderDataModule(ImageDataModule):
     """Any dataset in torchvision's ImageFolder layout: ``<root>/{train,val,test}/<class>/*.jpg``.
 
     Classes are the sub-folders of ``train/`` in sorted order (read in ``__init__``); val and
-    test may lack some classes but hold no others. ``test/`` is needed only for testing.
+    test may lack some classes but hold no others. Each class holds the image files anywhere
+    under its folder. Hidden files and folders (``.ipynb_checkpoints``, ``.DS_Store``, any name
+    starting with ".") are neither classes nor images. ``test/`` is needed only for testing.
 
     Args:
         root: folder holding ``train/``, ``val/`` and optionally ``test/``.
@@ -441,21 +469,29 @@ class ImageFolderDataModule(ImageDataModule):
         super().__init__(root, **common)
         self.augment = augment
         train = require_dir(self.root / "train", "ImageFolder train folder")
-        self.class_names, self.class_to_idx = find_classes(str(train))
+        self.class_names = class_folders(train)
+        if not self.class_names:
+            raise ValueError(f"ImageFolder train folder {train} holds no class folders; it "
+                             f"holds: {listing(train)}")
+        self.class_to_idx = {name: index for index, name in enumerate(self.class_names)}
         self.num_classes = len(self.class_names)
 
     def read_split(self, split: str) -> list[Sample]:
         folder = require_dir(self.root / split, f"ImageFolder {split} folder")
-        extra = sorted(p.name for p in folder.iterdir()
-                       if p.is_dir() and p.name not in self.class_to_idx)
+        classes = class_folders(folder)
+        extra = [name for name in classes if name not in self.class_to_idx]
         if extra:
             raise ValueError(f"{folder} holds class folders that train/ lacks: {', '.join(extra)}")
-        items = make_dataset(str(folder), self.class_to_idx, extensions=IMG_EXTENSIONS,
-                             allow_empty=split != "train")
-        if not items:
-            raise ValueError(f"{folder} holds no images with extensions "
-                             f"{', '.join(IMG_EXTENSIONS)}")
-        return [Sample(Path(path), label, f"{folder}") for path, label in items]
+        files = {name: image_files(folder / name) for name in classes}
+        empty = [name for name, paths in files.items() if not paths]
+        if split == "train" and empty:
+            raise ValueError(f"{folder}: class folder(s) {', '.join(empty)} hold no images with "
+                             f"extensions {IMAGE_EXTENSIONS}")
+        samples = [Sample(path, self.class_to_idx[name], str(folder))
+                   for name, paths in files.items() for path in paths]
+        if not samples:
+            raise ValueError(f"{folder} holds no images with extensions {IMAGE_EXTENSIONS}")
+        return samples
 
     def split_transform(self, split: str) -> SplitTransform:
         if self.augment:

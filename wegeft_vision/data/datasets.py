@@ -39,12 +39,15 @@ class ImageListDataset(Dataset):
 
     ``fill_cache`` decodes and prepares every image once and keeps the uint8 results in one
     tensor; later reads skip decoding and resizing. Only splits whose pipeline does not augment
-    can be cached (their prepared images all have the input size).
+    can be cached (their prepared images all have the input size). ``labelled`` is False for
+    images to classify, whose labels are placeholders (``NO_LABEL``).
     """
 
-    def __init__(self, samples: Sequence[Sample], transform: SplitTransform) -> None:
+    def __init__(self, samples: Sequence[Sample], transform: SplitTransform,
+                 labelled: bool = True) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.labelled = labelled
         self.cache: Optional[torch.Tensor] = None
 
     def __len__(self) -> int:

@@ -3,18 +3,24 @@
 * ``read_list_file``: NOAH's ``path label`` lines, used by VTAB-1k and few-shot FGVC.
 * ``read_json_labels`` + ``build_label_mapping`` + ``json_samples``: VPT's FGVC json files, with
   the label mapping built from the train split and applied to the other splits.
+* ``class_folders`` + ``image_files``: folder trees (ImageFolder, ``predict_root``), skipping
+  hidden entries.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
+
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .checks import require_file
 
 RawLabel = Union[int, str]
 MAX_SHOWN = 5
+NO_LABEL = -1  # the label of an image to classify (``predict_root``)
 
 
 @dataclass(frozen=True)
@@ -127,3 +133,26 @@ def check_images_exist(samples: Sequence[Sample], what: str) -> None:
         more = f"; and {len(missing) - MAX_SHOWN} more" if len(missing) > MAX_SHOWN else ""
         raise FileNotFoundError(f"{what}: {len(missing)} of {len(samples)} image files do not "
                                 f"exist: {shown}{more}")
+
+
+def _hidden(name: str) -> bool:
+    # .ipynb_checkpoints, .DS_Store, .git, macOS's "._photo.jpg" resource forks.
+    return name.startswith(".")
+
+
+def class_folders(folder: Path) -> list[str]:
+    """The sub-folders of ``folder`` in sorted order, hidden ones (name starting with ".")
+    skipped."""
+    return sorted(entry.name for entry in os.scandir(folder)
+                  if entry.is_dir() and not _hidden(entry.name))
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image file (torchvision's IMG_EXTENSIONS, any case) under ``folder``, recursively,
+    sorted by path components; hidden files and folders (name starting with ".") are skipped."""
+    found = []
+    for parent, folders, files in os.walk(folder, followlinks=True):
+        folders[:] = [name for name in folders if not _hidden(name)]
+        found += [Path(parent, name) for name in files
+                  if not _hidden(name) and has_file_allowed_extension(name, IMG_EXTENSIONS)]
+    return sorted(found, key=lambda path: path.relative_to(folder).parts)
