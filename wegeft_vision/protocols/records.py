@@ -95,6 +95,10 @@ class RunRecord:
     config_files: list[str] = field(default_factory=list)
     config_digest: str = ""
     cli_args: list[str] = field(default_factory=list)
+    # Everything besides the key that changes the result (epochs, data, configs, weights...),
+    # and its digest: a record is reused only for a run with the same digest.
+    settings: dict[str, Any] = field(default_factory=dict)
+    settings_digest: str = ""
     format: str = RECORD_FORMAT
 
     @property
@@ -158,6 +162,34 @@ class RunRecord:
 def _is_number(value: Any) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value))
+
+
+def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
+    out: dict[str, Any] = {}
+    for name, value in settings.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = value
+    return out
+
+
+def settings_diff(old: dict[str, Any], new: dict[str, Any], limit: int = 5) -> str:
+    """What differs between two settings dicts, e.g. ``epochs 1 -> 2, data.root /a -> /b``."""
+    old_flat, new_flat = flatten(old), flatten(new)
+    names = sorted(n for n in old_flat.keys() | new_flat.keys()
+                   if old_flat.get(n, "(none)") != new_flat.get(n, "(none)"))
+
+    def show(value: Any) -> str:
+        text = json.dumps(value) if not isinstance(value, str) else value
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    parts = [f"{n} {show(old_flat.get(n, '(none)'))} -> {show(new_flat.get(n, '(none)'))}"
+             for n in names[:limit]]
+    if len(names) > limit:
+        parts.append(f"and {len(names) - limit} more")
+    return ", ".join(parts)
 
 
 def record_path(root: PathLike, key: RunKey) -> Path:

@@ -6,8 +6,12 @@ train -> val, final on train (optionally + val) -> test. Few-shot FGVC: by defau
 ``num_shot_k.seed_s`` list for each seed s and test on the test list.
 
 Each run goes through the training CLI (``wegeft_vision.cli.cli_main``) with the user's config
-files plus overrides, and leaves one JSON record (see ``records``). A run whose record exists is
-skipped, so an interrupted protocol resumes where it stopped and a finished one does no work.
+files plus overrides, and leaves one JSON record (see ``records``). A run whose record exists
+with the same settings (epochs, data root and the content of the list files read, config file
+contents, passed-through arguments, backbone weights file) is skipped, so an interrupted
+protocol resumes where it stopped and a finished one does no work; a record made with other
+settings is stale and its run is done again. An interrupted run resumes from its Lightning
+checkpoint (``last.ckpt``, written every epoch) when the settings are unchanged.
 
 Output folder layout: ``<out>/records/...json`` (the results), ``<out>/runs/...`` (Lightning
 logs and checkpoints of each run).
@@ -16,12 +20,16 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
+import json
 import logging
 import os
 import platform
 import resource
+import shutil
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -29,12 +37,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+import yaml
 
 from ..adapters import ParameterCount
 from ..data import registry
-from .grid import PAPER_GRID, Grid, check_grid, expand_grid, parse_grid
+from .grid import PAPER_GRID, Grid, check_grid, expand_grid, parse_grid, parse_value
 from .records import (HParamValue, PathLike, RunKey, RunRecord, read_record,
-                      record_path, write_record)
+                      record_path, settings_diff, write_record)
 
 logger = logging.getLogger("wegeft_vision.protocols")
 
@@ -124,6 +133,9 @@ class RunSpec:
     overrides: list[str]
     run_dir: Path
     test: bool
+    settings: dict[str, Any] = field(default_factory=dict)
+    settings_digest: str = ""
+    resume_from: Optional[Path] = None
 
     def cli_args(self) -> list[str]:
         """``fit`` arguments; final runs also test the last epoch's weights (test_after_fit)."""
@@ -140,6 +152,8 @@ class RunSpec:
                  f"--trainer.logger.save_dir={self.run_dir}", "--trainer.logger.name=logs",
                  f"--checkpoint.dirpath={self.run_dir / 'checkpoints'}",
                  f"--test_after_fit={_cli_value(self.test)}"]
+        if self.resume_from is not None:
+            args.append(f"--ckpt_path={self.resume_from}")
         return args
 
 
@@ -176,7 +190,14 @@ def cli_executor(spec: RunSpec) -> RunOutcome:
     """Run ``spec`` through the training CLI (``wegeft_vision.cli.cli_main``)."""
     from ..cli import cli_main  # loads Lightning's CLI machinery: only when a run happens
 
-    cli = cli_main(spec.cli_args())
+    # LightningCLI warns when it gets args while sys.argv holds arguments too (here the
+    # protocol's own command line): the args are the whole command, so hide the others.
+    argv = sys.argv
+    sys.argv = argv[:1]
+    try:
+        cli = cli_main(spec.cli_args())
+    finally:
+        sys.argv = argv
     metrics = dict(cli.trainer.callback_metrics)
     val_acc = _metric(metrics, "val/acc", spec) if spec.key.phase == "search" else \
         metrics.get("val/acc")
@@ -228,6 +249,18 @@ RUNNER_CONTROLLED = ("data", *(f"data.{k}" for k in _DATA_KEYS),
                      *(f"data.init_args.{k}" for k in _DATA_KEYS), "config",
                      "trainer.max_epochs", "trainer.default_root_dir", "seed_everything",
                      "trainer.logger", "checkpoint.dirpath", "test_after_fit")
+
+
+# The model's backbone weights file, under its new name and the old one.
+WEIGHTS_KEYS = ("weights_path", "checkpoint_path")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _controlled(name: str) -> bool:
@@ -297,6 +330,10 @@ class ProtocolRunner:
         self.force = force
         self.executor = executor
         self.config_digest = self._digest()
+        self._hashes: dict[tuple[str, int, int], str] = {}
+        self._common_settings = {
+            "configs": [{"path": str(c), "sha256": self._sha256(c)} for c in self.configs],
+            "overrides": self.overrides, **self._backbone_settings()}
 
     @property
     def records_dir(self) -> Path:
@@ -324,6 +361,60 @@ class ProtocolRunner:
         digest.update("\0".join(self.overrides).encode())
         return digest.hexdigest()[:16]
 
+    def _sha256(self, path: Path) -> str:
+        """Content hash, computed once per file version (a sweep reads the same files often)."""
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+        if key not in self._hashes:
+            self._hashes[key] = file_sha256(path)
+        return self._hashes[key]
+
+    def _backbone_settings(self) -> dict[str, Any]:
+        """Backbone name and weights file as the configs and overrides set them (later wins).
+
+        The file's content identifies the weights: a file replaced under the same name makes
+        other runs.
+        """
+        found: dict[str, Any] = {}
+        for config in self.configs:
+            model = (yaml.safe_load(config.read_text()) or {}).get("model")
+            if isinstance(model, dict):
+                found.update({k: model[k] for k in ("backbone", *WEIGHTS_KEYS) if k in model})
+        for arg in self.overrides:
+            name, _, value = arg[2:].partition("=")
+            if name.startswith("model.") and name[6:] in ("backbone", *WEIGHTS_KEYS):
+                found[name[6:]] = parse_value(value)
+        path = next((found[k] for k in WEIGHTS_KEYS if found.get(k) is not None), None)
+        weights = None
+        if path is not None:
+            # The training CLI reads a relative path from the current folder.
+            file = Path(str(path)).expanduser().resolve()
+            weights = {"path": str(file),
+                       "sha256": self._sha256(file) if file.is_file() else "missing"}
+        return {"backbone": found.get("backbone", "(default)"), "weights": weights}
+
+    def _data_files(self, data_args: dict[str, Any], phase: str) -> dict[str, str]:
+        """sha256 of each list / annotation file the run's datamodule reads, by path."""
+        module, name = self.protocol.data_class.rsplit(".", 1)
+        data = getattr(importlib.import_module(module), name)(**data_args)
+        splits = ("train", "val") + (("test",) if phase == "final" else ())
+        if hasattr(data, "list_file"):
+            files = [data.list_file(split) for split in splits]
+        else:  # FGVC: VPT's json files
+            files = [data.dataset_folder() / f"{split}.json" for split in splits]
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"{data.description}: list file {file} does not exist")
+        return {os.path.relpath(f, self.data_root): self._sha256(f) for f in files}
+
+    def settings(self, task: TaskRef, phase: str, seed: int) -> dict[str, Any]:
+        """What besides the run's key changes its result; part of its record's identity."""
+        data_args = self._data_args(task, phase, seed)
+        return {"epochs": self.search_epochs if phase == "search" else self.final_epochs,
+                "data": {"root": str(self.data_root.resolve()), "args": data_args,
+                         "files": self._data_files(data_args, phase)},
+                **self._common_settings}
+
     def _data_args(self, task: TaskRef, phase: str, seed: int) -> dict[str, Any]:
         root = str(self.data_root)
         if task.benchmark == "fgvc":
@@ -346,7 +437,11 @@ class ProtocolRunner:
              seed: int) -> RunSpec:
         key = RunKey.make(task.benchmark, task.task, self.method, phase, seed, hparams,
                           task.shots)
-        return RunSpec(key=key,
+        settings = self.settings(task, phase, seed)
+        identity = json.dumps({"key": dataclasses.asdict(key), "settings": settings},
+                              sort_keys=True, default=str)
+        return RunSpec(key=key, settings=settings,
+                       settings_digest=hashlib.sha256(identity.encode()).hexdigest()[:16],
                        epochs=self.search_epochs if phase == "search" else self.final_epochs,
                        data_class=self.protocol.data_class,
                        data_args=self._data_args(task, phase, seed), configs=self.configs,
@@ -354,8 +449,8 @@ class ProtocolRunner:
                        run_dir=self.out_dir / "runs" / key.relative_path().with_suffix(""),
                        test=phase == "final")
 
-    def _existing(self, key: RunKey) -> Optional[RunRecord]:
-        path = record_path(self.records_dir, key)
+    def _existing(self, spec: RunSpec) -> Optional[RunRecord]:
+        path = record_path(self.records_dir, spec.key)
         if self.force or not path.exists():
             return None
         try:
@@ -363,13 +458,40 @@ class ProtocolRunner:
         except ValueError as err:
             logger.warning("%s; running it again", err)
             return None
-        if record.config_digest != self.config_digest:
-            logger.warning("record %s was made with other config files or overrides; kept "
-                           "(use --force to re-run)", path)
+        if not record.settings_digest:
+            logger.warning("record %s is stale: it predates records that name their settings "
+                           "(epochs, data, configs, weights); running it again", path)
+            return None
+        if record.settings_digest != spec.settings_digest:
+            logger.warning("record %s is stale: it was made with other settings (%s); running "
+                           "it again", path, settings_diff(record.settings, spec.settings)
+                           or "same settings, other run identity")
+            return None
         return record
+
+    def _prepare_run_dir(self, spec: RunSpec) -> None:
+        """Resume from the run folder's last checkpoint if it holds this very run, part done;
+        otherwise clear the folder (outputs of other settings must not be resumed)."""
+        marker = spec.run_dir / "settings.json"
+        last = spec.run_dir / "checkpoints" / "last.ckpt"
+        if spec.run_dir.exists():
+            same = (not self.force and marker.is_file()
+                    and json.loads(marker.read_text()).get("settings_digest")
+                    == spec.settings_digest)
+            # A checkpoint of the last epoch is a finished fit whose record was lost: train
+            # again rather than resume into a fit that would validate nothing.
+            if same and last.is_file() and _checkpoint_epoch(last) < spec.epochs - 1:
+                spec.resume_from = last
+                logger.info("resuming %s from %s", spec.key.describe(), last)
+                return
+            shutil.rmtree(spec.run_dir)
+        spec.run_dir.mkdir(parents=True)
+        marker.write_text(json.dumps({"settings_digest": spec.settings_digest,
+                                      "settings": spec.settings}, indent=2, sort_keys=True))
 
     def _run(self, spec: RunSpec) -> RunRecord:
         logger.info("running %s", spec.key.describe())
+        self._prepare_run_dir(spec)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
@@ -386,7 +508,8 @@ class ProtocolRunner:
             memory_kind=memory_kind, finished_at=datetime.now(timezone.utc).isoformat(),
             versions=library_versions(), adapter=outcome.adapter,
             config_files=[str(c) for c in self.configs], config_digest=self.config_digest,
-            cli_args=spec.cli_args())
+            cli_args=spec.cli_args(), settings=spec.settings,
+            settings_digest=spec.settings_digest)
         path = write_record(self.records_dir, record)
         if self.checkpoints == "none" or (self.checkpoints == "final" and key.phase == "search"):
             for checkpoint in spec.run_dir.rglob("*.ckpt"):
@@ -395,8 +518,8 @@ class ProtocolRunner:
                     record.test_acc, wall)
         return record
 
-    def _get_or_run(self, spec: RunSpec) -> tuple[RunRecord, bool]:
-        existing = self._existing(spec.key)
+    def get_or_run(self, spec: RunSpec) -> tuple[RunRecord, bool]:
+        existing = self._existing(spec)
         if existing is not None:
             logger.info("skipping %s: finished already", spec.key.describe())
             return existing, False
@@ -412,18 +535,24 @@ class ProtocolRunner:
         best: dict[str, HParamValue] = {}
         if self.grid is not None:
             for point in expand_grid(self.grid):
-                record, ran = self._get_or_run(self.spec(task, "search", point, self.seeds[0]))
+                record, ran = self.get_or_run(self.spec(task, "search", point, self.seeds[0]))
                 search.append(record)
                 executed += ran
             best = select_best(search)
             logger.info("%s %s: best %s", task, self.method, best)
         final = []
         for seed in self.seeds:
-            record, ran = self._get_or_run(self.spec(task, "final", best, seed))
+            record, ran = self.get_or_run(self.spec(task, "final", best, seed))
             final.append(record)
             executed += ran
         return ProtocolResult(task=task, search=search, best=best, final=final,
                               executed=executed)
+
+
+def _checkpoint_epoch(path: Path) -> int:
+    """The epoch a Lightning checkpoint was saved in (0-based)."""
+    # Our own checkpoint, written by this run's folder: it holds hyper-parameters besides tensors.
+    return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
 
 
 def select_best(search: Sequence[RunRecord]) -> dict[str, HParamValue]:
@@ -501,10 +630,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="run_protocol",
         description=__doc__,
         epilog=OVERRIDES_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .cluster import add_launcher_arguments
+
     add_protocol_arguments(parser)
     parser.add_argument("--task", required=True,
                         help="task or dataset name (aliases accepted, e.g. cifar100)")
     parser.add_argument("--shots", type=int, default=None, help="fewshot: shots per class")
+    add_launcher_arguments(parser)
     return parser
 
 
@@ -530,11 +662,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         task = resolve_task(args.benchmark, args.task, args.shots, args.data_root)
         runner = runner_from_args(args)
+        if args.launcher != "local":
+            from .cluster import launch
+
+            _, collected = launch(args, runner, [task])
+            if collected is None:  # submitted to SLURM
+                return 0
+            (results, failed) = collected
+            if failed:
+                print(f"FAILED: {failed[0]}", file=sys.stderr)
+                return 1
+            result = results[0]
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    logger.info("%s on %s, CUDA_VISIBLE_DEVICES=%s", task, platform.node(),
-                os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"))
-    result = runner.run(task)
+    if args.launcher == "local":
+        logger.info("%s on %s, CUDA_VISIBLE_DEVICES=%s", task, platform.node(),
+                    os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"))
+        result = runner.run(task)
     accs = ", ".join(f"{100 * r.test_acc:.2f}" for r in result.final)
     print(f"{task} {runner.method}: best {result.best or 'configs as given'}; test acc "
           f"{accs} (seeds {runner.seeds}); {result.executed} run(s) trained")

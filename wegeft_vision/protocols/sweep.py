@@ -6,6 +6,10 @@ each job (one task's whole protocol) runs in its own process pinned to one GPU t
 CUDA_VISIBLE_DEVICES, one job per device at a time; --workers N runs N such processes without
 pinning (CPU, or one shared GPU). Each job's output goes to <out>/logs/. Finished runs are
 skipped, so re-running a sweep resumes it.
+
+--launcher slurm submits the tasks as a SLURM job array through submitit (one task's protocol
+per job, or with --jobs-per run one search run per job); --launcher submitit-local runs the same
+jobs in local subprocesses. See wegeft_vision/protocols/cluster.py and docs/cluster.md.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..data import registry
+from .cluster import add_launcher_arguments, launch
 from .records import safe_name
 from .runner import (OVERRIDES_HELP, TASK_TABLES, ProtocolRunner, TaskRef,
                      add_protocol_arguments, parse_ints, parse_with_overrides, resolve_task,
@@ -124,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="comma-separated CUDA device ids; one process per device")
     parallel.add_argument("--workers", type=int, default=None,
                           help="number of parallel processes, not pinned to a GPU")
+    add_launcher_arguments(parser)
     return parser
 
 
@@ -145,9 +151,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ValueError(f"--devices must list distinct device ids, got {args.devices!r}")
         elif args.workers is not None:
             slots = [None] * args.workers
+        if args.launcher != "local" and slots is not None:
+            raise ValueError(f"--devices and --workers are for --launcher local; with "
+                             f"{args.launcher} each job gets its own GPUs (--gpus-per-job)")
+        if args.launcher != "local":
+            _, collected = launch(args, runner, tasks)
+            if collected is None:  # submitted to SLURM: the jobs report in their logs
+                return 0
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    if slots is None:
+    if args.launcher != "local":
+        failed = collected[1]
+    elif slots is None:
         failed = []
         for task in tasks:
             try:
