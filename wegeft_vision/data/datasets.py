@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -20,11 +21,40 @@ class ImageDecodeError(RuntimeError):
     """An image file exists but cannot be decoded (corrupt, truncated, not an image)."""
 
 
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float grey image as 8-bit "L"; PIL's own conversion clips
+    (a mid-grey 16-bit PNG would turn white, a [0, 1] float image black)."""
+    pixels = np.asarray(image, dtype=np.float64)
+    low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+    if image.mode == "F":
+        # Float images hold [0, 1]; a small excursion from arithmetic is clipped.
+        if not (-0.5 / 255 <= low and high <= 1 + 0.5 / 255):
+            raise ValueError(f"float image (mode F) with values in [{low:g}, {high:g}]: only "
+                             "[0, 1] is read; scale it to [0, 1] or convert it to 8 or 16 bits")
+        scale = 255.0
+    else:
+        # I;16* are 16-bit by definition; older Pillow and some TIFFs give 16-bit data as I.
+        if not (0 <= low and high <= 65535):
+            raise ValueError(f"32-bit integer image (mode {image.mode}) with values in "
+                             f"[{low:g}, {high:g}]: only 0..65535 (16-bit) is read; convert it "
+                             "to 8 or 16 bits")
+        scale = 255 / 65535
+    return Image.fromarray(np.clip(np.floor(pixels * scale + 0.5), 0, 255).astype(np.uint8), "L")
+
+
 def load_rgb(path: Union[str, Path]) -> Image.Image:
-    """Decode an image file and convert any mode (L, P, RGBA, CMYK, ...) to RGB."""
+    """Decode an image file and convert any mode (1, L, LA, P, RGBA, CMYK, YCbCr, ...) to RGB.
+
+    Alpha is dropped (as torchvision's and timm's loaders do). Deeper grey images are scaled to
+    8 bits, rounding half up: 16-bit (I;16, I;16B, ...) and I holding 0..65535 as
+    ``value * 255 / 65535``; float (F) holding [0, 1] as ``value * 255``. I or F outside those
+    ranges raise ImageDecodeError rather than be guessed at.
+    """
     try:
         with Image.open(path) as image:
             image.load()
+            if image.mode.startswith("I") or image.mode == "F":
+                image = _to_8bit(image)
             # A palette image with a transparent colour goes through RGBA, as PIL advises, so the
             # transparent index keeps its palette colour instead of raising a warning.
             if image.mode == "P" and "transparency" in image.info:
