@@ -20,9 +20,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+import timm
 import torch
 from timm.data import resolve_data_config
-from timm.models import save_for_hf
+
+try:
+    from timm.models import save_for_hf
+except ImportError:  # public from timm 1.0.16, as is "local-dir:" loading
+    save_for_hf = None
 
 from ..adapters import merge_adapter
 from .model_card import run_folder, write_model_card
@@ -95,6 +100,9 @@ def export_checkpoint(ckpt_path: Union[str, Path], output_dir: Union[str, Path],
             raise ValueError("give the backbone weights as weights_path only, not also as the "
                              "deprecated checkpoint_path")
         weights_path = checkpoint_path
+    if save_for_hf is None:
+        raise ImportError(f"export needs timm >= 1.0.16 (timm.models.save_for_hf, "
+                          f"\"local-dir:\" loading); this is timm {timm.__version__}")
     if format not in ("safetensors", "onnx"):
         raise ValueError(f"format must be 'safetensors' or 'onnx', got {format!r}")
     if format == "onnx":
