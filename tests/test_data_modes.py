@@ -150,7 +150,8 @@ def test_16bit_png_files_keep_their_brightness(tmp_path, colour_type, channels):
 def test_deep_images_outside_the_known_ranges_are_refused(tmp_path, name, make, message):
     path = tmp_path / name
     make().save(path)
-    with pytest.raises(ImageDecodeError, match=rf"cannot decode image {re.escape(str(path))}: {message}"):
+    where = re.escape(str(path))
+    with pytest.raises(ImageDecodeError, match=rf"cannot decode image {where}: {message}"):
         load_rgb(path)
 
 
