@@ -17,11 +17,18 @@ The plain form is three autograd ops per edit; the fast path is one ``autograd.F
 another form: fc2's input is GELU(z) and GELU saves z; qkv's and fc1's inputs are LayerNorm
 outputs and LayerNorm saves its input and statistics; attn.proj's input is a reshaped copy of the
 attention output, which scaled-dot-product attention saves. With ``recompute=True`` the layer saves
-those tensors (no new memory) and rebuilds x in backward (one elementwise pass).
+those tensors (no new memory) and rebuilds x in backward (one elementwise pass). Each recipe is
+checked once against a real x; one that fails (another PyTorch) is switched off: x is saved.
+
+Without a gradient to compute (``torch.no_grad``, frozen adapters) and under ``torch.export``,
+the same forms run as plain ops, outside the ``autograd.Function``: nothing needs saving, and
+``torch.compile`` / ``torch.export`` trace plain ops. With a symbolic batch the form is the one
+for many tokens, so an exported graph holds no branch on the batch size.
 """
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -162,16 +169,54 @@ def _saved_tensor_hooks_active() -> bool:
     return top is not None and top(True) is not None
 
 
+# Node type name -> whether its recipe reads this PyTorch's saved tensors correctly. The recipes
+# read private attributes (_saved_self, _saved_result1, ...); a PyTorch that renames or
+# redefines them must cost memory (x is saved), never a crash or a wrong gradient.
+_RECIPE_WORKS: dict[str, bool] = {}
+
+
+def _recipe_unusable(name: str, reason: str) -> None:
+    _RECIPE_WORKS[name] = False
+    warnings.warn(f"WeGeFT recompute: cannot rebuild a layer input from what {name} saves in "
+                  f"torch {torch.__version__} ({reason}); those layers save their input instead",
+                  RuntimeWarning, stacklevel=3)
+
+
 def input_recipe(x: torch.Tensor) -> Optional[tuple[Rebuild, tuple[torch.Tensor, ...]]]:
-    """How to rebuild ``x`` in backward from tensors its producer already saved, if known."""
+    """How to rebuild ``x`` in backward from tensors its producer already saved, if known.
+
+    The first use of each recipe rebuilds x in full and compares it with x; a recipe that fails
+    to read the node or rebuilds something else is switched off for the process, with a warning.
+    """
     # Compiled graphs have no grad_fn to read; the compiler's partitioner recomputes by itself.
     if torch.compiler.is_compiling() or _saved_tensor_hooks_active():
         return None
     node = x.grad_fn
     if node is None:
         return None
-    recipe = _RECIPES.get(type(node).__name__)
-    return None if recipe is None else recipe(node, x)
+    name = type(node).__name__
+    make = _RECIPES.get(name)
+    if make is None or _RECIPE_WORKS.get(name) is False:
+        return None
+    try:
+        recipe = make(node, x)
+        if recipe is None or name in _RECIPE_WORKS:
+            return recipe
+        with torch.no_grad():
+            acc = torch.promote_types(x.dtype, torch.float32)
+            rebuilt, target = recipe[0](*recipe[1]).to(acc), x.to(acc)
+            # Rebuilds are exact on CPU; a few units of rounding allow for other kernels.
+            tol = 8 * torch.finfo(x.dtype).eps
+            works = rebuilt.shape == x.shape and bool(
+                ((rebuilt - target).norm() <= tol * target.norm()).item())
+    except Exception as error:  # noqa: BLE001 - any failure reading autograd internals
+        _recipe_unusable(name, f"{type(error).__name__}: {error}")
+        return None
+    if not works:
+        _recipe_unusable(name, "the rebuilt input differs from the input")
+        return None
+    _RECIPE_WORKS[name] = True
+    return recipe
 
 
 # --- the fast path --------------------------------------------------------------------------------
@@ -180,108 +225,117 @@ def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
     return t if scale == 1.0 else t * scale
 
 
-def use_output_form(tokens: int, d_in: int, d_out: int, whole: bool) -> bool:
+def use_output_form(tokens: Optional[int], d_in: int, d_out: int, whole: bool) -> bool:
     """Whether y = xW^T + b + h(sW·phi)^T costs fewer multiply-adds than the input form.
 
     Input form: 6·N·r·d_in; output form: 3·N·r·(d_in + d_out) + 2·d_in·d_out·r (r cancels). Row
     blocks (q/k/v parts) always take the output form: it needs one frozen matmul, not one per part.
+    ``tokens`` None (a symbolic batch, as in ``torch.export``): the choice for many tokens, where
+    B's one-off cost vanishes, so the graph has no branch on the batch size.
     """
-    return not whole or 3 * tokens * (d_in + d_out) + 2 * d_in * d_out < 6 * tokens * d_in
+    if not whole:
+        return True
+    if tokens is None:
+        return d_in > d_out
+    return 3 * tokens * (d_in + d_out) + 2 * d_in * d_out < 6 * tokens * d_in
+
+
+# Per edit, as the Function takes it: (scale s, output rows or None for all, rank).
+Layout = tuple[tuple[float, Optional[tuple[int, int]], int], ...]
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+             psi: torch.Tensor, phi: torch.Tensor, layout: Layout, output_form: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fast forward in plain ops: (x as a 2-D matrix, as psi read it; y, 2-D; h = psi(x)).
+
+    ``psi``/``phi``: every edit's factors stacked (r_total x d_in, d_in x r_total).
+    """
+    device_type = x.device.type
+    x2 = x.reshape(-1, x.shape[-1])
+    if torch.is_autocast_enabled(device_type) and x2.dtype == torch.float32:
+        # Cast once and keep the cast copy, as autocast's F.linear would for psi's input.
+        x2 = x2.to(torch.get_autocast_dtype(device_type))
+    h = torch.mm(x2, psi.t())
+    if not output_form:
+        u = torch.addmm(x2, h, phi.t(), alpha=layout[0][0])
+        return x2, F.linear(u, weight, bias), h
+    y = F.linear(x2, weight, bias)
+    offset = 0
+    for scale, rw, rank in layout:
+        w_rows = weight if rw is None else weight[rw[0]:rw[1]]
+        b_fac = _scaled(torch.mm(w_rows, phi[:, offset:offset + rank]), scale)
+        y_rows = y if rw is None else y[:, rw[0]:rw[1]]
+        y_rows.addmm_(h[:, offset:offset + rank], b_fac.t())
+        offset += rank
+    return x2, y, h
 
 
 class _WeGeFTLinearFunction(torch.autograd.Function):
-    """Inputs: x, W, b, then (psi, phi) per edit. Non-tensor arguments describe the edits."""
+    """Inputs: x, W, b, the stacked psi and phi, then what describes the edits.
+
+    The signature is fixed on purpose. Dynamo, when it inlines ``forward`` (no input needs a
+    gradient), drops ``ctx`` whenever the argument count equals forward's parameter count,
+    which a variadic ``*factors`` hits for one particular number of edits.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                scales: tuple[float, ...], rows: tuple[Optional[tuple[int, int]], ...],
-                output_form: bool, recipe: Optional[tuple[Rebuild, tuple[torch.Tensor, ...]]],
-                *factors: torch.Tensor) -> torch.Tensor:
+                psi: torch.Tensor, phi: torch.Tensor, layout: Layout, output_form: bool,
+                recipe: Optional[tuple[Rebuild, tuple[torch.Tensor, ...]]]) -> torch.Tensor:
         device_type = x.device.type
-        autocast = torch.is_autocast_enabled(device_type)
-        lead, d_in = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, d_in)
-        if autocast and x2.dtype == torch.float32:
-            # Cast once and keep the cast copy, as autocast's F.linear would for psi's input.
-            x2 = x2.to(torch.get_autocast_dtype(device_type))
-        psis, phis = factors[0::2], factors[1::2]
-        psi_all = psis[0] if len(psis) == 1 else torch.cat(psis)
-        h = torch.mm(x2, psi_all.t())
-        if output_form:
-            y = F.linear(x2, weight, bias)
-            offset = 0
-            for phi, scale, rw in zip(phis, scales, rows):
-                w_rows = weight if rw is None else weight[rw[0]:rw[1]]
-                b_fac = _scaled(torch.mm(w_rows, phi), scale)
-                y_rows = y if rw is None else y[:, rw[0]:rw[1]]
-                y_rows.addmm_(h[:, offset:offset + phi.shape[1]], b_fac.t())
-                offset += phi.shape[1]
-        else:
-            u = torch.addmm(x2, h, phis[0].t(), alpha=scales[0])
-            y = F.linear(u, weight, bias)
+        x2, y, h = _forward(x, weight, bias, psi, phi, layout, output_form)
         sources = (x2,) if recipe is None else recipe[1]
         # B = sW·phi is rebuilt in backward rather than kept: saved memory stays at x and h.
-        ctx.save_for_backward(weight, h, *factors, *sources)
-        ctx.meta = (len(factors), scales, rows, output_form, x.dtype, d_in,
-                    None if recipe is None else recipe[0], device_type, autocast,
-                    torch.get_autocast_dtype(device_type))
-        return y.reshape(*lead, weight.shape[0])
+        ctx.save_for_backward(weight, h, psi, phi, *sources)
+        ctx.meta = (layout, output_form, x.dtype, x.shape[-1],
+                    None if recipe is None else recipe[0], device_type,
+                    torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        return y.reshape(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        (n_factors, scales, rows, output_form, x_dtype, d_in, rebuild, device_type,
-         autocast, autocast_dtype) = ctx.meta
-        saved = ctx.saved_tensors
-        weight, h = saved[0], saved[1]
-        factors = saved[2:2 + n_factors]
-        sources = saved[2 + n_factors:]
-        needs = ctx.needs_input_grad
-        need_x, need_factors = needs[0], needs[7:]
+        (layout, output_form, x_dtype, d_in, rebuild, device_type, autocast,
+         autocast_dtype) = ctx.meta
+        weight, h, psi, phi, *sources = ctx.saved_tensors
+        need_x, _, _, need_psi, need_phi = ctx.needs_input_grad[:5]
+        grad_x = grad_psi = grad_phi = None
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast):
             g = grad_y.reshape(-1, grad_y.shape[-1])
-            psis, phis = factors[0::2], factors[1::2]
-            grads: list[Optional[torch.Tensor]] = [None] * n_factors
-            gh_parts = []
+            grad_phis, gh_parts = [], []
             grad_x = torch.mm(g, weight) if need_x else None
             offset = 0
-            for i, (phi, scale, rw) in enumerate(zip(phis, scales, rows)):
-                h_i = h[:, offset:offset + phi.shape[1]]
-                offset += phi.shape[1]
+            for scale, rw, rank in layout:
+                h_i, phi_i = h[:, offset:offset + rank], phi[:, offset:offset + rank]
+                offset += rank
                 w_rows = weight if rw is None else weight[rw[0]:rw[1]]
                 g_rows = g if rw is None else g[:, rw[0]:rw[1]]
-                need_phi = need_factors[2 * i + 1]
-                grad_phi = None
                 if grad_x is not None and not output_form:
                     # Input form with dL/du = g·W at hand (needed for dL/dx anyway).
-                    gh = _scaled(torch.mm(grad_x, phi), scale)
+                    gh = _scaled(torch.mm(grad_x, phi_i), scale)
                     if need_phi:
-                        grad_phi = torch.mm(grad_x.t(), h_i)
+                        grad_phis.append(_scaled(torch.mm(grad_x.t(), h_i), scale))
                 else:
                     # Never form g·W_rows (N x d_in): go through d_out_rows x r products.
-                    gh = torch.mm(g_rows, _scaled(torch.mm(w_rows, phi), scale))
+                    gh = torch.mm(g_rows, _scaled(torch.mm(w_rows, phi_i), scale))
                     if need_phi:
-                        grad_phi = torch.mm(w_rows.t(), torch.mm(g_rows.t(), h_i))
-                if grad_phi is not None:
-                    grads[2 * i + 1] = _scaled(grad_phi, scale)
+                        grad_phis.append(_scaled(
+                            torch.mm(w_rows.t(), torch.mm(g_rows.t(), h_i)), scale))
                 gh_parts.append(gh)
             gh_all = gh_parts[0] if len(gh_parts) == 1 else torch.cat(gh_parts, dim=1)
-            if any(need_factors[0::2]):
+            if need_psi:
                 cast = autocast_dtype if autocast else None
-                grad_psi = _psi_grad(gh_all, sources, rebuild, d_in, cast)
-                offset = 0
-                for i, phi in enumerate(phis):
-                    if need_factors[2 * i]:
-                        grads[2 * i] = grad_psi[offset:offset + phi.shape[1]]
-                    offset += phi.shape[1]
+                grad_psi = _psi_grad(gh_all, sources, rebuild, d_in, cast).to(psi.dtype)
+            if need_phi:
+                grad_phi = grad_phis[0] if len(grad_phis) == 1 else torch.cat(grad_phis, dim=1)
+                grad_phi = grad_phi.to(phi.dtype)
             if grad_x is not None:
-                psi_all = psis[0] if len(psis) == 1 else torch.cat(psis)
                 # In place: g·W is this function's own buffer (psi cast by hand: in-place ops
                 # are outside autocast).
-                grad_x.addmm_(gh_all.to(grad_x.dtype), psi_all.to(grad_x.dtype))
+                grad_x.addmm_(gh_all.to(grad_x.dtype), psi.to(grad_x.dtype))
         if grad_x is not None:
             grad_x = grad_x.to(x_dtype).reshape(*grad_y.shape[:-1], d_in)
-        grads = [None if gr is None else gr.to(f.dtype) for gr, f in zip(grads, factors)]
-        return (grad_x, None, None, None, None, None, None, *grads)
+        return grad_x, None, None, grad_psi, grad_phi, None, None, None
 
 
 def _psi_grad(gh: torch.Tensor, sources: Sequence[torch.Tensor], rebuild: Optional[Rebuild],
@@ -324,14 +378,24 @@ def wegeft_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         raise ValueError("a whole-layer edit cannot be combined with row-block edits")
     if output_form is None:
         tokens = x.numel() // max(x.shape[-1], 1)
-        output_form = use_output_form(tokens, weight.shape[1], weight.shape[0], whole)
+        # A SymInt (dynamic batch under export or compile): comparing it would guard on, or
+        # fail export for, the batch size.
+        output_form = use_output_form(tokens if isinstance(tokens, int) else None,
+                                      weight.shape[1], weight.shape[0], whole)
     elif not output_form and not whole:
         raise ValueError("row-block (q/k/v part) edits need the output form")
-    recipe = input_recipe(x) if recompute and torch.is_grad_enabled() else None
-    factors = [t for e in edits for t in (e.psi, e.phi)]
-    return _WeGeFTLinearFunction.apply(
-        x, weight, bias, tuple(float(e.scale) for e in edits), tuple(e.rows for e in edits),
-        output_form, recipe, *factors)
+    psi = edits[0].psi if len(edits) == 1 else torch.cat([e.psi for e in edits])
+    phi = edits[0].phi if len(edits) == 1 else torch.cat([e.phi for e in edits], dim=1)
+    layout = tuple((float(e.scale), e.rows, e.phi.shape[1]) for e in edits)
+    training = torch.is_grad_enabled() and (x.requires_grad or psi.requires_grad
+                                            or phi.requires_grad)
+    if not training or torch.compiler.is_exporting():
+        # Nothing to save for backward, so no autograd.Function: inference and validation
+        # (also compiled) and export run the same forms as plain ops.
+        y = _forward(x, weight, bias, psi, phi, layout, output_form)[1]
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+    recipe = input_recipe(x) if recompute else None
+    return _WeGeFTLinearFunction.apply(x, weight, bias, psi, phi, layout, output_form, recipe)
 
 
 # --- measurement ----------------------------------------------------------------------------------
