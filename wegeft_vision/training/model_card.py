@@ -15,8 +15,9 @@ from huggingface_hub import ModelCardData
 
 from ..adapters.model import ParameterCount
 
-# Datamodule arguments that say nothing about the data itself.
-LOADER_ARGS = {"root", "num_workers", "pin_memory", "cache", "cache_budget_gb", "batch_size"}
+# Datamodule arguments that say nothing about the data (the backbone is the model's row).
+LOADER_ARGS = {"root", "num_workers", "pin_memory", "cache", "cache_budget_gb", "batch_size",
+               "backbone", "predict_root"}
 NOT_RECORDED = "not recorded"
 
 
