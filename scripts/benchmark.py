@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import statistics
@@ -206,16 +207,18 @@ def rss_child(args: argparse.Namespace) -> None:
 
 def inference_times(args: argparse.Namespace, device: torch.device, reps: int
                     ) -> dict[str, list[float]]:
-    """Plain timm model vs a WeGeFT model merged back into plain layers, timed interleaved."""
+    """Plain timm model vs WeGeFT merged back into plain layers and unmerged, timed interleaved."""
     plain = _create(args).to(device).eval()
-    merged = _create(args)
-    apply_adapter(merged, WeGeFTConfig(rank=args.rank, targets=args.targets))
+    adapted = _create(args)
+    apply_adapter(adapted, WeGeFTConfig(rank=args.rank, targets=args.targets))
     with torch.no_grad():
-        for param in merged.adapter.parameters():
+        for param in adapted.adapter.parameters():
             param.normal_(0.0, 0.02)
-    merged = merge_adapter(merged).to(device).eval()
+    merged = merge_adapter(copy.deepcopy(adapted)).to(device).eval()
     images, _ = _batch(args, device)
-    models = {"timm (plain)": plain, "WeGeFT merged": merged}
+    # Unmerged: the no-grad path of validation during training.
+    models = {"timm (plain)": plain, "WeGeFT merged": merged,
+              "WeGeFT unmerged": adapted.to(device).eval()}
     times: dict[str, list[float]] = {name: [] for name in models}
 
     def infer(model: nn.Module) -> Callable[[], None]:
@@ -269,6 +272,25 @@ def print_table(variants: list[Variant], wall: dict[str, list[float]],
         print("| " + " | ".join(cells) + " |")
 
 
+def summary(variants: list[Variant], wall: dict[str, list[float]], cpu: dict[str, list[float]],
+            basis: dict[str, list[float]], memory: dict[str, int],
+            rss: dict[str, Optional[float]]) -> dict[str, dict[str, Optional[float]]]:
+    """The table's numbers per variant, for plots (``--json``)."""
+    floor_m, lora_m = memory.get("floor"), memory.get("lora")
+    return {v.name: {
+        "trainable": v.trainable,
+        "step_wall_s": statistics.median(wall[v.name]),
+        "step_cpu_s": statistics.median(cpu[v.name]),
+        "step_x_floor": _paired_ratio(basis, v.name, "floor"),
+        "step_x_lora": _paired_ratio(basis, v.name, "lora"),
+        "step_x_peft_lora": _paired_ratio(basis, v.name, "peft-lora"),
+        "memory_mb": memory[v.name] / 1e6,
+        "memory_x_floor": memory[v.name] / floor_m if floor_m else None,
+        "memory_x_lora": memory[v.name] / lora_m if lora_m else None,
+        "step_peak_rss_mb": rss.get(v.name),
+    } for v in variants}
+
+
 def _fmt_ratio(value: Optional[float], ref: Optional[float]) -> str:
     return "-" if value is None or not ref else f"{value / ref:.3f}"
 
@@ -308,6 +330,7 @@ def main(argv: Optional[list[str]] = None) -> None:
           f"targets {' '.join(args.targets)}, {device.type} ({precision}, "
           f"{torch.get_num_threads()} threads), {args.reps} interleaved reps, torch "
           f"{torch.__version__}, timm {timm.__version__}", flush=True)
+    load = [os.getloadavg()[0]]  # the machine's 1-minute load: was it shared while measured?
 
     memory = {v.name: (cuda_peak(v, images, labels) if device.type == "cuda"
                        else saved_bytes(v, images, labels)) for v in variants}
@@ -319,6 +342,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             if rep > 0:  # the first round warms up (allocator, kernels, optimiser state)
                 wall[variant.name].append(elapsed[0])
                 cpu[variant.name].append(elapsed[1])
+        load.append(os.getloadavg()[0])
     rss = ({} if args.no_rss or device.type == "cuda"
            else {v.name: measure_rss(v.name, args) for v in variants})
 
@@ -326,7 +350,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     # medians of per-round ratios, so a slow round slows the reference as much as the variant.
     basis = cpu if device.type == "cpu" else wall
     print_table(variants, wall, cpu, basis, memory, rss, args.batch_size, device)
+    print(f"\nload average (1 min) during the timed steps: {min(load):.1f} to {max(load):.1f} on "
+          f"{os.cpu_count()} CPUs")
     results = {"args": vars(args), "device": device.type, "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "timm": timm.__version__, "load_average": load,
+               "memory_kind": ("cuda_peak_allocated" if device.type == "cuda"
+                               else "saved_activations"),
+               "summary": summary(variants, wall, cpu, basis, memory, rss),
                "step_wall_s": wall, "step_cpu_s": cpu, "memory_bytes": memory, "peak_rss_mb": rss,
                "trainable": {v.name: v.trainable for v in variants}}
     if not args.no_inference:
