@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import re
 
 import pytest
@@ -12,8 +14,8 @@ from torch import nn
 from wegeft_vision import (FullFinetuneConfig, LinearProbeConfig, LoRAConfig, WeGeFTConfig,
                            apply_adapter, count_parameters, load_adapter, merge_adapter,
                            remove_adapter, save_adapter)
-from wegeft_vision.adapters import (AdaptedLinear, WeGeFTGenerator, get_adapter,
-                                    trainable_parameter_names)
+from wegeft_vision.adapters import (AdaptedLinear, WeGeFTGenerator, adapter_state_dict,
+                                    fingerprint, get_adapter, trainable_parameter_names)
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=7)
 ARCHS = {
@@ -155,7 +157,38 @@ def test_merge_formula_w_times_identity_plus_phi_psi():
     merge_adapter(model)
     m = gen.phi.weight @ gen.psi.weight * (6.0 / 3)
     expected = original @ (torch.eye(32, dtype=torch.float64) + m)
-    torch.testing.assert_close(model.blocks[1].attn.proj.weight.detach(), expected)
+    # A float64 merge is off by ~4e-16 relative, a float32 one by ~6e-8: tell them apart.
+    error = (model.blocks[1].attn.proj.weight.detach() - expected).abs().max()
+    assert error < 1e-12 * expected.abs().max()
+
+
+@pytest.mark.parametrize("config_cls", [WeGeFTConfig, LoRAConfig])
+@pytest.mark.parametrize("part, index", [("q", 0), ("k", 1), ("v", 2)])
+def test_qkv_part_changes_its_own_rows_only(config_cls, part, index):
+    """With d = out_features / 3, part q owns rows [0, d), k [d, 2d), v [2d, 3d): fixed slices,
+    not taken from part_rows; forward and merged weight."""
+    model = apply_adapter(tiny_vit(dtype=torch.float64),
+                          config_cls(rank=3, targets="attn.qkv", qkv_parts=(part,)))
+    randomize_edits(model)
+    layer = model.blocks[0].attn.qkv
+    d = layer.out_features // 3
+    own = torch.zeros(3 * d, dtype=torch.bool)
+    own[index * d:(index + 1) * d] = True
+    (edit,) = layer.edits.values()
+    w = layer.base_layer.weight.detach().clone()
+    if config_cls is WeGeFTConfig:
+        delta_w = w[own] @ edit.phi.weight @ edit.psi.weight
+    else:
+        delta_w = edit.lora_B.weight @ edit.lora_A.weight
+    x = torch.randn(5, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        delta = layer(x) - layer.base_layer(x)
+    assert torch.equal(delta[:, ~own], torch.zeros_like(delta[:, ~own]))
+    torch.testing.assert_close(delta[:, own], x @ delta_w.T, rtol=1e-10, atol=1e-13)
+    assert delta[:, own].norm(dim=0).min() > 1e-6
+    merged = merge_adapter(model).blocks[0].attn.qkv.weight.detach()
+    assert torch.equal(merged[~own], w[~own])
+    torch.testing.assert_close(merged[own], w[own] + delta_w, rtol=1e-12, atol=1e-14)
 
 
 def test_remove_adapter_restores_original_layers():
@@ -475,11 +508,130 @@ def test_load_rejects_other_config(tmp_path):
 def test_load_rejects_other_shape(tmp_path):
     model = apply_adapter(tiny_vit(), WeGeFTConfig(rank=2))
     path = save_adapter(model, tmp_path / "a.safetensors")
-    torch.manual_seed(0)
     wider = timm.create_model("vit_base_patch16_224", pretrained=False, **{**TINY, "num_classes": 9})
+    backbone = {k: v for k, v in tiny_vit().state_dict().items() if not k.startswith("head.")}
+    wider.load_state_dict(backbone, strict=False)  # the same backbone, another head
+    before = _state(wider)
     with pytest.raises(ValueError, match=r"tensor 'head.weight' has shape \(7, 32\), the model "
                                          r"expects \(9, 32\)"):
         load_adapter(wider, path)
+    _assert_unchanged(wider, before)  # all or nothing: no adapted layer left in place
+
+
+def _state(model: nn.Module) -> tuple[dict, dict, list]:
+    """Everything load_adapter could change: tensors, requires_grad, module types."""
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {n: p.requires_grad for n, p in model.named_parameters()},
+            [(n, type(m)) for n, m in model.named_modules()])
+
+
+def _assert_unchanged(model: nn.Module, before: tuple[dict, dict, list]) -> None:
+    tensors, grads, modules = _state(model)
+    assert modules == before[2] and grads == before[1] and get_adapter(model) is None
+    assert tensors.keys() == before[0].keys()
+    assert all(torch.equal(tensors[k], before[0][k]) for k in tensors)
+
+
+def test_adapter_file_refuses_a_deeper_backbone_and_loads_on_request(tmp_path):
+    """A shared generator fits any depth: only the stored identity tells depth 2 from 4."""
+    config = WeGeFTConfig(rank=2, targets="all")
+    model = apply_adapter(tiny_vit(), config)
+    randomize_edits(model)
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    torch.manual_seed(0)
+    deeper = timm.create_model("vit_base_patch16_224", pretrained=False, **{**TINY, "depth": 4})
+    deeper.blocks[0].attn.qkv.weight.requires_grad_(False)  # a user's choice, kept on failure
+    before = _state(deeper)
+    with pytest.raises(ValueError, match=re.escape(
+            "a.safetensors adapts 8 layers, this model 16: the backbones differ (adapted in this "
+            "model only: blocks.2.attn.qkv, blocks.2.attn.proj, blocks.2.mlp.fc1, blocks.2.mlp.fc2 "
+            "(+4 more)); pass check_backbone=False to load it anyway (deliberate transfer)")):
+        load_adapter(deeper, path)
+    _assert_unchanged(deeper, before)
+    load_adapter(deeper, path, check_backbone=False)
+    gen = get_adapter(deeper).edits["attn_qkv"]
+    torch.testing.assert_close(gen.psi.weight, get_adapter(model).edits["attn_qkv"].psi.weight,
+                               rtol=0, atol=0)
+
+
+def test_adapter_file_refuses_other_frozen_weights_whatever_the_dtype(tmp_path):
+    model = apply_adapter(tiny_vit(), LoRAConfig(rank=2, targets="attn"))
+    randomize_edits(model)
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    # The same backbone in bfloat16 or float64 is the same backbone ...
+    for dtype in (torch.bfloat16, torch.float64):
+        same = load_adapter(tiny_vit(dtype=dtype), path)
+        assert get_adapter(same).config == get_adapter(model).config
+    bf16 = apply_adapter(tiny_vit(dtype=torch.bfloat16), LoRAConfig(rank=2, targets="attn"))
+    load_adapter(tiny_vit(), save_adapter(bf16, tmp_path / "bf16.safetensors"))
+    # ... one changed weight (far beyond bfloat16 rounding) is another.
+    other = tiny_vit()
+    with torch.no_grad():
+        other.blocks[1].mlp.fc2.weight[0, 0] += 0.05
+    before = _state(other)
+    with pytest.raises(ValueError, match=r"a.safetensors was trained on other frozen weights than "
+                                         r"this model's \(fingerprint [0-9a-f]{12} in the file, "
+                                         r"[0-9a-f]{12} here\); pass check_backbone=False"):
+        load_adapter(other, path)
+    _assert_unchanged(other, before)
+    load_adapter(other, path, check_backbone=False)
+
+
+def test_adapter_file_refuses_another_architecture(tmp_path):
+    path = save_adapter(apply_adapter(tiny_vit("vit"), LinearProbeConfig()),
+                        tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match=r"a.safetensors was saved from a vit_base_patch16_224 "
+                                         r"backbone; this model is a deit_tiny_patch16_224 "
+                                         r"\(architecture\); pass check_backbone=False"):
+        load_adapter(tiny_vit("deit"), path)
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, **TINY)
+    with pytest.raises(ValueError, match=r"saved from a timm.models.vision_transformer."
+                                         r"VisionTransformer backbone; this model is a "
+                                         r"timm.models.eva.Eva \(model class\)"):
+        load_adapter(eva, path)
+    assert get_adapter(eva) is None
+
+
+def test_failed_load_into_an_adapted_model_changes_nothing(tmp_path):
+    model = apply_adapter(tiny_vit(), WeGeFTConfig(rank=2))
+    randomize_edits(model)
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    target = apply_adapter(tiny_vit(), WeGeFTConfig(rank=2))
+    with torch.no_grad():
+        target.blocks[0].norm1.weight.add_(1.0)
+    tensors = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match="trained on other frozen weights"):
+        load_adapter(target, path)
+    assert all(torch.equal(v, tensors[k]) for k, v in target.state_dict().items())
+
+
+def test_old_adapter_files_load_without_identity_checks_with_a_warning(tmp_path):
+    """Format 1 files (no identity) still load; the warning says nothing was checked."""
+    from safetensors.torch import save_file
+    model = apply_adapter(tiny_vit(), WeGeFTConfig(rank=2))
+    randomize_edits(model)
+    tensors = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={
+        "format": "wegeft_vision.adapter/1", "model_class": "VisionTransformer",
+        "config": json.dumps(get_adapter(model).config.to_dict())})
+    with pytest.warns(UserWarning, match=r"old.safetensors is an adapter file without the "
+                                         r"backbone's identity .*loaded without checking"):
+        loaded = load_adapter(tiny_vit(), tmp_path / "old.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images()), model(images()), rtol=0, atol=0)
+
+
+def test_fingerprint_of_float32_weights_is_unchanged():
+    """Checkpoints store it: its value for float32 tensors must never change."""
+    from wegeft_vision.training.backbone import fingerprint as training_fingerprint
+    tensors = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.ones(2)}
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:torch.float32;".encode())
+        digest.update(tensor.numpy().tobytes())
+    assert fingerprint(tensors) == training_fingerprint(tensors) == digest.hexdigest()
+    assert fingerprint(tensors, dtype=torch.bfloat16) == fingerprint(
+        {k: v.to(torch.bfloat16) for k, v in tensors.items()})
 
 
 def test_load_rejects_missing_and_foreign_files(tmp_path):

@@ -4,8 +4,8 @@ from .config import (TARGET_PRESETS, AdapterConfig, FullFinetuneConfig, LinearPr
 from .layer import AdaptedLinear
 from .lora import LoRALinear, LoRAPair
 from .model import (ParameterCount, adapter_state_dict, apply_adapter, count_parameters,
-                    get_adapter, load_adapter, merge_adapter, read_adapter_file, remove_adapter,
-                    save_adapter, trainable_parameter_names)
+                    fingerprint, get_adapter, load_adapter, merge_adapter, read_adapter_file,
+                    remove_adapter, save_adapter, trainable_parameter_names)
 from .wegeft import WeGeFTGenerator, WeGeFTLinear
 
 __all__ = [
@@ -13,5 +13,5 @@ __all__ = [
     "FullFinetuneConfig", "AdaptedLinear", "WeGeFTLinear", "WeGeFTGenerator", "LoRALinear",
     "LoRAPair", "ParameterCount", "apply_adapter", "merge_adapter", "remove_adapter",
     "save_adapter", "load_adapter", "read_adapter_file", "adapter_state_dict", "count_parameters",
-    "get_adapter", "trainable_parameter_names",
+    "get_adapter", "trainable_parameter_names", "fingerprint",
 ]

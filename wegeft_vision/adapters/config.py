@@ -1,9 +1,27 @@
 """Adapter configurations: which method, which layers, which rank.
 
-A config is a plain, validated dataclass. ``targets`` name timm linear layers by module-name
-suffix (``"attn.proj"`` matches ``blocks.3.attn.proj``) or by a regular expression that must
-match the whole module name; the presets ``"attn"``, ``"mlp"`` and ``"all"`` expand to timm's
-ViT projections.
+A config is a plain, validated dataclass. ``targets`` name timm linear layers by a block
+projection kind, by module-name suffix (``"proj"`` matches ``blocks.3.attn.proj``), by a
+regular expression that must match the whole module name, or by a preset.
+
+The four kinds ``attn.qkv``, ``attn.proj``, ``mlp.fc1`` and ``mlp.fc2`` (and so the presets
+``"attn"`` = qkv + proj, ``"mlp"`` = fc1 + fc2 and ``"all"``, which expand to them) mean the
+projections of the transformer blocks, the modules ``blocks.<i>.<name>``, and nothing else: not a
+head or pooling network outside the blocks (SigLIP's ``attn_pool.mlp.fc1``), not a helper network
+inside a block (the relative-position MLP ``attn.rel_pos.mlp.fc1`` of ``vit_relpos_*``). With
+``shared``, each kind gets one generator for all blocks (one per layer otherwise). Across
+families:
+
+- ``attn.qkv``: the fused qkv layer; where a block has separate ``attn.q_proj``, ``attn.k_proj``
+  and ``attn.v_proj`` instead (EVA with ``qkv_fused=False``), those three. A shared WeGeFT
+  generator acts on the input side, so one generator for q, k and v is exactly the fused layer's.
+- ``mlp.fc1``: the first MLP layer; in a SwiGLU MLP with separate gate and value layers (EVA02
+  base and large: ``mlp.fc1_g``, ``mlp.fc1_x``) both, again exactly as timm's packed SwiGLU (one
+  ``mlp.fc1`` holding both halves, EVA02 tiny and small) is treated. ``mlp.fc2`` reads the gated
+  hidden state.
+
+Any other name is a suffix or a regular expression and reaches any ``nn.Linear`` it matches, in a
+block or not (``"attn_pool.mlp.fc1"``, ``"mlp.fc1_g"``, a regex such as ``"blocks[.]0[.].*"``).
 """
 from __future__ import annotations
 
@@ -11,6 +29,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Sequence, Union
 
+# The block projection kinds and the layer names (after "blocks.<i>.") each covers.
+BLOCK_LAYERS: dict[str, tuple[str, ...]] = {
+    "attn.qkv": ("attn.qkv", "attn.q_proj", "attn.k_proj", "attn.v_proj"),
+    "attn.proj": ("attn.proj",),
+    "mlp.fc1": ("mlp.fc1", "mlp.fc1_g", "mlp.fc1_x"),
+    "mlp.fc2": ("mlp.fc2",),
+}
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "attn": ("attn.qkv", "attn.proj"),
     "mlp": ("mlp.fc1", "mlp.fc2"),
@@ -85,7 +110,9 @@ class WeGeFTConfig(AdapterConfig):
 
     Args:
         rank: generator rank r (psi: d_in -> r, phi: r -> d_in).
-        targets: layer suffixes, full-match regexes or presets ("attn", "mlp", "all").
+        targets: block projection kinds ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
+            presets of them ("attn", "mlp", "all"), other layer-name suffixes or full-match
+            regexes; see the module docstring for what the kinds mean in each timm family.
         shared: one generator per target kind for all blocks (the paper), else one per layer.
         alpha: None for no scaling (the paper's vision setting); a number scales by alpha/rank.
         qkv_parts: None treats timm's fused qkv as one layer; e.g. ("q", "v") gives each named

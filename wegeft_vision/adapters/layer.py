@@ -41,7 +41,15 @@ class AdaptedLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.base_layer.weight
+        """The effective weight W + dW, differentiable in the edits.
+
+        For code that reads ``.weight`` instead of calling the layer: timm's EVA and BEiT
+        attention compute qkv as ``F.linear(x, self.qkv.weight, qkv_bias)``, which then trains
+        and merges the same model as the layer's own forward. The frozen weight is
+        ``base_layer.weight`` (what the state dict, merging and fingerprints read).
+        """
+        weight = self.base_layer.weight
+        return weight + self.delta_weight(weight)
 
     @property
     def bias(self) -> Optional[torch.Tensor]:
@@ -55,15 +63,24 @@ class AdaptedLinear(nn.Module):
         index = QKV_PARTS.index(part)
         return slice(index * size, (index + 1) * size)
 
+    def delta_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """dW for the whole frozen ``weight`` (zero on rows no edit owns), in its dtype."""
+        whole = self.edits.get(None)
+        if whole is not None:
+            return whole.delta_weight(weight)
+        blocks = []
+        for part in QKV_PARTS:
+            rows = weight[self.part_rows(part)]
+            edit = self.edits.get(part)
+            blocks.append(torch.zeros_like(rows) if edit is None else edit.delta_weight(rows))
+        return torch.cat(blocks)
+
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with the edits folded in, computed in float64."""
         base = self.base_layer
         weight = base.weight.detach().to(torch.float64)
-        merged = weight.clone()
-        for part, edit in self.edits.items():
-            rows = self.part_rows(part)
-            merged[rows] += edit.delta_weight(weight[rows])
+        merged = weight + self.delta_weight(weight)
         if not torch.isfinite(merged).all():
             raise ValueError("merging produced non-finite weights; the adapter has diverged")
         out = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,

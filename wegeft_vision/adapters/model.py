@@ -5,8 +5,10 @@ train, what an adapter file holds and what merging folds in all derive from that
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -16,14 +18,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import (AdapterConfig, FullFinetuneConfig, LinearProbeConfig, LoRAConfig,
-                     WeGeFTConfig)
+from .config import (BLOCK_LAYERS, AdapterConfig, FullFinetuneConfig, LinearProbeConfig,
+                     LoRAConfig, WeGeFTConfig)
 from .layer import AdaptedLinear, Edit
 from .lora import LoRALinear, LoRAPair
 from .wegeft import WeGeFTGenerator, WeGeFTLinear
 
 ADAPTER_ATTR = "adapter"
-FILE_FORMAT = "wegeft_vision.adapter/1"
+FILE_FORMAT = "wegeft_vision.adapter/2"
+# Files without the backbone's identity: loaded without identity checks, with a warning.
+OLD_FILE_FORMATS = ("wegeft_vision.adapter/1",)
 
 
 class AdapterContainer(nn.Module):
@@ -71,6 +75,10 @@ def head_parameter_names(model: nn.Module) -> list[str]:
 
 
 def _matches(pattern: str, name: str) -> bool:
+    kind = BLOCK_LAYERS.get(pattern)
+    if kind is not None:  # a block projection kind: blocks.<i>.<one of its names>, nothing else
+        names = "|".join(map(re.escape, kind))
+        return re.fullmatch(rf"(?:.*\.)?blocks\.\d+\.(?:{names})", name) is not None
     if name == pattern or name.endswith("." + pattern):
         return True
     try:
@@ -108,7 +116,10 @@ def find_target_layers(model: nn.Module, targets: tuple[str, ...]) -> dict[str, 
             if others:
                 raise ValueError(f"target {pattern!r} matches {', '.join(others[:3])}, which is "
                                  f"not an nn.Linear; linear layers here: {_kinds(linears)}")
-            raise ValueError(f"target {pattern!r} matches no linear layer of "
+            kind = BLOCK_LAYERS.get(pattern)
+            what = "" if kind is None else (" (the transformer blocks' "
+                                            f"blocks.<i>.{' / '.join(kind)})")
+            raise ValueError(f"target {pattern!r}{what} matches no linear layer of "
                              f"{type(model).__name__}; linear layers here: {_kinds(linears)}")
         for name in layers:
             if name in owner:
@@ -249,54 +260,153 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: params[n].detach() for n in trainable_parameter_names(model)}
 
 
+def fingerprint(tensors: dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None) -> str:
+    """SHA-256 over names, shapes, dtypes and bytes: tells two sets of frozen weights apart.
+
+    ``dtype``: hash floating-point tensors cast to it (e.g. ``torch.bfloat16``: then a model in
+    float32, float64 or bfloat16 with the same bfloat16-rounded weights gives one fingerprint).
+    """
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous().reshape(-1)
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        digest.update(f"{name}:{tuple(tensors[name].shape)}:{tensor.dtype};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _identity(model: nn.Module) -> dict[str, object]:
+    """What identifies the backbone an adapter belongs to (the adapter must be applied).
+
+    ``frozen_fingerprint`` hashes every state-dict tensor the adapter does not train, under the
+    plain model's names, rounded to bfloat16: the same for the model in float32, float64 or
+    bfloat16 (float16 rounds differently and may not match).
+    """
+    trainable = set(trainable_parameter_names(model))
+    frozen = {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items()
+              if k not in trainable}
+    cfg = getattr(model, "pretrained_cfg", None)
+    return {
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "architecture": cfg.get("architecture") if isinstance(cfg, dict) else None,
+        "layers": {n: [m.out_features, m.in_features] for n, m in model.named_modules()
+                   if isinstance(m, AdaptedLinear)},
+        "frozen_fingerprint": fingerprint(frozen, dtype=torch.bfloat16),
+    }
+
+
 def save_adapter(model: nn.Module, path: Union[str, Path]) -> Path:
-    """Write the trainable tensors and the config to a safetensors file."""
+    """Write the trainable tensors, the config and the backbone's identity to a safetensors file.
+
+    The identity (checked by :func:`load_adapter`): model class and timm architecture, the
+    adapted layers and their shapes, and a fingerprint of the frozen weights.
+    """
     container = _require_adapter(model, "save an adapter")
     path = Path(path)
     tensors = {n: t.contiguous().cpu() for n, t in adapter_state_dict(model).items()}
     metadata = {"format": FILE_FORMAT, "config": json.dumps(container.config.to_dict()),
-                "model_class": type(model).__name__}
+                "identity": json.dumps(_identity(model))}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
     return path
 
 
-def read_adapter_file(path: Union[str, Path]) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
-    """The config and tensors of an adapter file, checked to be one."""
-    path = Path(path)
+def _read(path: Path) -> tuple[AdapterConfig, dict[str, torch.Tensor], Optional[dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"adapter file not found: {path}")
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
-        if metadata.get("format") != FILE_FORMAT:
+        file_format = metadata.get("format")
+        if file_format != FILE_FORMAT and file_format not in OLD_FILE_FORMATS:
             raise ValueError(f"{path} is not a wegeft_vision adapter file "
-                             f"(format {metadata.get('format')!r})")
+                             f"(format {file_format!r})")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    return AdapterConfig.from_dict(json.loads(metadata["config"])), tensors
+    identity = json.loads(metadata["identity"]) if file_format == FILE_FORMAT else None
+    return AdapterConfig.from_dict(json.loads(metadata["config"])), tensors, identity
 
 
-def load_adapter(model: nn.Module, path: Union[str, Path]) -> nn.Module:
-    """Load an adapter file into ``model``, applying the file's config first if it has none."""
-    config, tensors = read_adapter_file(path)
+def read_adapter_file(path: Union[str, Path]) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+    """The config and tensors of an adapter file, checked to be one."""
+    config, tensors, _ = _read(Path(path))
+    return config, tensors
+
+
+def _some(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "")
+
+
+def _check_identity(saved: dict, model: nn.Module, path: Path) -> None:
+    """Refuse a file saved from another backbone, naming the first difference."""
+    here = _identity(model)
+    hint = "; pass check_backbone=False to load it anyway (deliberate transfer)"
+    for key in ("model_class", "architecture"):
+        if saved.get(key) and here[key] and saved[key] != here[key]:
+            raise ValueError(f"{path} was saved from a {saved[key]} backbone; this model is a "
+                             f"{here[key]} ({key.replace('_', ' ')}){hint}")
+    layers, ours = saved["layers"], here["layers"]
+    if layers != ours:
+        only_file = [n for n in layers if n not in ours]
+        only_here = [n for n in ours if n not in layers]
+        shapes = [f"{n} ({'x'.join(map(str, layers[n]))} in the file, "
+                  f"{'x'.join(map(str, ours[n]))} here)"
+                  for n in layers if n in ours and layers[n] != ours[n]]
+        what = "; ".join(text for text in (
+            only_file and f"adapted in the file only: {_some(only_file)}",
+            only_here and f"adapted in this model only: {_some(only_here)}",
+            shapes and f"other shapes: {_some(shapes)}") if text)
+        raise ValueError(f"{path} adapts {len(layers)} layers, this model {len(ours)}: the "
+                         f"backbones differ ({what}){hint}")
+    if saved["frozen_fingerprint"] != here["frozen_fingerprint"]:
+        raise ValueError(f"{path} was trained on other frozen weights than this model's "
+                         f"(fingerprint {saved['frozen_fingerprint'][:12]} in the file, "
+                         f"{here['frozen_fingerprint'][:12]} here){hint}")
+
+
+def load_adapter(model: nn.Module, path: Union[str, Path], check_backbone: bool = True
+                 ) -> nn.Module:
+    """Load an adapter file into ``model``, applying the file's config first if it has none.
+
+    All or nothing: on any error the model is left exactly as it was. ``check_backbone``: refuse
+    a file saved from another backbone (class, timm architecture, adapted layers and shapes,
+    frozen weights); False loads it wherever the tensors fit (a deliberate transfer). Files
+    written before the identity was stored load without these checks, with a warning.
+    """
+    path = Path(path)
+    config, tensors, identity = _read(path)
     container = get_adapter(model)
-    if container is None:
-        apply_adapter(model, config)
-    elif container.config != config:
+    if container is not None and container.config != config:
         raise ValueError(f"{path} holds an adapter with {config}, but the model has "
                          f"{container.config}")
-    params = dict(model.named_parameters())
-    expected = trainable_parameter_names(model)
-    missing = [n for n in expected if n not in tensors]
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    for name in expected:
-        tensor = tensors[name]
-        if params[name].shape != tensor.shape:
-            raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the model "
-                             f"expects {tuple(params[name].shape)} (different backbone or "
-                             "number of classes?)")
+    requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    if container is None:
+        apply_adapter(model, config)
+    try:
+        if identity is None:
+            warnings.warn(f"{path} is an adapter file without the backbone's identity (format "
+                          f"{OLD_FILE_FORMATS[0]!r}); loaded without checking that it was "
+                          "trained on this backbone", UserWarning, stacklevel=2)
+        elif check_backbone:
+            _check_identity(identity, model, path)
+        params = dict(model.named_parameters())
+        expected = trainable_parameter_names(model)
+        missing = [n for n in expected if n not in tensors]
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        for name in expected:
+            tensor = tensors[name]
+            if params[name].shape != tensor.shape:
+                raise ValueError(f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, the "
+                                 f"model expects {tuple(params[name].shape)} (different "
+                                 "backbone or number of classes?)")
+    except BaseException:
+        if container is None:
+            remove_adapter(model)
+            for name, param in model.named_parameters():
+                param.requires_grad_(requires_grad[name])
+        raise
     with torch.no_grad():
         for name, tensor in tensors.items():
             params[name].copy_(tensor)
