@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 import re
 import statistics
+import sys
+import warnings
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -320,9 +324,14 @@ def chain(tmp_path_factory):
     common = ["--method", "wegeft", f"--config={config}", "--out", str(out),
               "--search-epochs", "1", "--final-epochs", "1"]
     # VTAB-1k through the run_protocol command line; `--` passes arguments to the training CLI.
-    assert runner.main(["--benchmark", "vtab", "--data-root", str(vtab_root), "--task", "eurosat",
-                        "--grid", "model.lr=1e-3,3e-2", "--grid", "model.weight_decay=0",
-                        "--seeds", "0,1", *common, "--", "--data.batch_size=10"]) == 0
+    argv = ["--benchmark", "vtab", "--data-root", str(vtab_root), "--task", "eurosat",
+            "--grid", "model.lr=1e-3,3e-2", "--grid", "model.weight_decay=0",
+            "--seeds", "0,1", *common, "--", "--data.batch_size=10"]
+    # As from a shell: sys.argv holds the protocol's own arguments while it calls the CLI.
+    with mock.patch.object(sys, "argv", ["run_protocol.py", *argv]), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert runner.main(argv) == 0
     fgvc = runner.ProtocolRunner(out, fgvc_root, "fgvc", "wegeft", configs=[config],
                                  grid={"model.lr": [1e-3, 3e-2], "model.weight_decay": [0.0]},
                                  search_epochs=1, final_epochs=1)
@@ -332,7 +341,8 @@ def chain(tmp_path_factory):
                        *common]) == 0
     assert summarize([str(out), "--published"]) == 0
     return {"out": out, "vtab_root": vtab_root, "config": config, "fgvc": fgvc,
-            "fgvc_result": fgvc_result, "common": common}
+            "fgvc_result": fgvc_result, "common": common,
+            "warnings": [str(w.message) for w in caught]}
 
 
 def test_chain_search_picks_the_best_and_final_runs_use_it(chain):
@@ -368,6 +378,11 @@ def test_chain_search_picks_the_best_and_final_runs_use_it(chain):
     assert fgvc.final[0].task == "OxfordFlowers" and fgvc.final[0].head_params == 32 * 102 + 102
     fewshot = sorted((r.shots, r.seed) for r in results.records if r.benchmark == "fewshot")
     assert fewshot == [(1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def test_chain_runs_do_not_warn_about_args_and_command_line(chain):
+    assert len(chain["warnings"]) > 0  # warnings were recorded at all
+    assert not [w for w in chain["warnings"] if "not recommended to provide both" in w]
 
 
 def test_chain_rerun_does_no_work(chain, monkeypatch):
@@ -487,3 +502,141 @@ def test_runner_rejects_bad_input_before_training(chain, tmp_path, capsys):
                      "--task", "eurosat", "--method", "wegeft", "--out", str(tmp_path),
                      "--grid", "model.lr="])
     assert "grid parameter 'model.lr' has no values" in capsys.readouterr().err
+
+
+# --- record identity: settings that change the result make other runs ------------------------
+
+def _fake_cli(calls: list):
+    """Stands in for the training CLI: records each command line; accuracies follow the lr."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from wegeft_vision.adapters.model import ParameterCount
+
+    def cli_main(args):
+        calls.append(args)
+        value = dict(a[2:].split("=", 1) for a in args[1:] if a.startswith("--") and "=" in a)
+        acc = torch.tensor(min(0.9, 10 * float(value.get("model.lr", 0.01))))
+        model = SimpleNamespace(parameter_count=lambda: ParameterCount(256, 330, 60_000, 60_586),
+                                adapter_config=SimpleNamespace(to_dict=lambda: {"rank": 4}))
+        trainer = SimpleNamespace(callback_metrics={"val/acc": acc, "test/acc": acc / 2},
+                                  current_epoch=int(value["trainer.max_epochs"]))
+        return SimpleNamespace(trainer=trainer, model=model)
+    return cli_main
+
+
+def test_changed_settings_make_new_runs_and_identical_ones_none(tmp_path, monkeypatch, caplog):
+    import shutil
+
+    from wegeft_vision import cli
+    from wegeft_vision.protocols import runner
+
+    calls: list = []
+    monkeypatch.setattr(cli, "cli_main", _fake_cli(calls))
+    root = tmp_path / "vtab"
+    make_vtab_task(root, "eurosat", {"train800": [0, 1], "val200": [0, 1], "test": [1, 0]})
+    config, weights = tmp_path / "tiny.yaml", tmp_path / "backbone.safetensors"
+    config.write_text(TINY_CONFIG)
+    weights.write_bytes(b"weights v1")
+    out = tmp_path / "results"
+
+    def run(*extra, data_root=root, overrides=()):
+        calls.clear()
+        argv = ["--benchmark", "vtab", "--data-root", str(data_root), "--task", "eurosat",
+                "--method", "wegeft", f"--config={config}", "--out", str(out),
+                "--grid", "model.lr=1e-3,3e-2", "--grid", "model.weight_decay=0",
+                "--search-epochs", "1", "--final-epochs", "1", *extra,
+                "--", f"--model.weights_path={weights}", *overrides]
+        assert runner.main(argv) == 0
+        return sorted(("search" if "--test_after_fit=false" in a else "final",
+                       next(x for x in a if x.startswith("--trainer.max_epochs")))
+                      for a in calls)
+
+    assert len(run()) == 3  # 2 search runs, 1 final run
+    assert run() == []  # identical settings: nothing to do
+    assert run("--search-epochs", "2") == [
+        ("search", "--trainer.max_epochs=2")] * 2  # the same best: the final run stands
+    assert "other settings (epochs 1 -> 2)" in caplog.text
+    assert run("--search-epochs", "2", "--final-epochs", "3") == [
+        ("final", "--trainer.max_epochs=3")]
+    base = ("--search-epochs", "2", "--final-epochs", "3")
+    assert run(*base) == []
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    assert len(run(*base, data_root=copy)) == 3  # another data root
+    assert len(run(*base)) == 3  # and back: the records name the copy's root now
+    caplog.clear()
+    with open(root / "eurosat" / "test.txt", "a") as f:  # a list file's content: test only
+        f.write("images/test/000000.jpg 0\n")
+    assert [c[0] for c in run(*base)] == ["final"]
+    assert "data.files.eurosat/test.txt" in caplog.text
+    assert len(run(*base, overrides=["--data.batch_size=4"])) == 3  # passed-through arguments
+    config.write_text(TINY_CONFIG.replace("drop_path_rate: 0.0", "drop_path_rate: 0.1"))
+    assert len(run(*base, overrides=["--data.batch_size=4"])) == 3  # config content
+    weights.write_bytes(b"weights v2")
+    assert len(run(*base, overrides=["--data.batch_size=4"])) == 3  # weights file content
+    assert run(*base, overrides=["--data.batch_size=4"]) == []
+    record = read_results(out / "records").records[0]
+    assert record.settings["weights"] == {"path": str(weights.resolve()),
+                                          "sha256": hashlib.sha256(b"weights v2").hexdigest()}
+    assert record.settings["data"]["root"] == str(root.resolve())
+
+
+def test_records_without_settings_are_stale_and_rerun(tmp_path, monkeypatch, caplog):
+    from wegeft_vision import cli
+    from wegeft_vision.protocols import runner
+
+    calls: list = []
+    monkeypatch.setattr(cli, "cli_main", _fake_cli(calls))
+    root = tmp_path / "vtab"
+    make_vtab_task(root, "eurosat", {"train800": [0, 1], "val200": [0, 1], "test": [1, 0]})
+    protocol = runner.ProtocolRunner(tmp_path / "out", root, "vtab", "wegeft", final_epochs=1)
+    task = runner.resolve_task("vtab", "eurosat")
+    key = RunKey.make("vtab", "eurosat", "wegeft", "final", 0, {})
+    old = make_record(task="eurosat", hparams={}, epochs=1)  # as written before settings
+    path = write_record(protocol.records_dir, old)
+    assert protocol.run(task).executed == 1 and len(calls) == 1
+    assert f"record {path} is stale: it predates records that name their settings" in caplog.text
+    assert read_record(path).settings_digest and read_record(path).key == key
+
+
+def test_summary_flags_means_over_different_settings():
+    def settings(epochs):
+        return {"epochs": epochs, "configs": [{"path": "a.yaml", "sha256": "c0"}],
+                "overrides": [], "backbone": "vit", "weights": None,
+                "data": {"root": "/data", "args": {}, "files": {}}}
+
+    same = [make_record(task=t, seed=s, test_acc=0.5 + 0.1 * s, settings=settings(100),
+                        settings_digest=f"{t}{s}") for t in ("dtd", "svhn") for s in (0, 1)]
+    markdown = vtab_table(same).to_markdown()
+    assert "†" not in markdown and "different settings" not in markdown
+    assert [r["Settings"] for r in csv.DictReader(io.StringIO(vtab_table(same).to_csv()))] == ["1"]
+    mixed = same[:3] + [make_record(task="svhn", seed=1, test_acc=0.6, settings=settings(1),
+                                    settings_digest="x")]
+    table = vtab_table(mixed)
+    markdown = table.to_markdown()
+    row = next(line for line in markdown.splitlines() if line.startswith("| wegeft |"))
+    assert "| 55.00 |" in row and "| 55.00† |" in row  # dtd as is; svhn flagged
+    assert "wegeft: svhn averages seeds run with 2 different settings (epochs 100 -> 1)" in markdown \
+        or "wegeft: svhn averages seeds run with 2 different settings (epochs 1 -> 100)" in markdown
+    assert "wegeft: Natural mean averages runs with 2 different settings" in markdown
+    assert "wegeft: mean averages runs with 2 different settings" in markdown
+    assert "wegeft: Specialized" not in markdown
+    assert [r["Settings"] for r in csv.DictReader(io.StringIO(table.to_csv()))] == ["2"]
+    # An older record without settings does not pass for the same settings either.
+    old = same[:3] + [make_record(task="svhn", seed=1, test_acc=0.6)]
+    assert "not recorded (an older record)" in vtab_table(old).to_markdown()
+    fewshot = [make_record(benchmark="fewshot", task="food101", shots=1, seed=s, test_acc=0.5,
+                           settings=settings(100 if s else 1)) for s in (0, 1)]
+    assert "50.00 ± 0.00 (n=2)† |" in fewshot_table(fewshot).to_markdown()
+    assert list(csv.DictReader(io.StringIO(fewshot_csv(fewshot))))[0]["settings"] == "2"
+
+
+def test_fewshot_one_seed_has_no_std_in_markdown_nor_csv():
+    records = [make_record(benchmark="fewshot", task="food101", shots=2, seed=0, test_acc=0.6)]
+    markdown = fewshot_table(records).to_markdown()
+    row = next(line for line in markdown.splitlines() if line.startswith("| wegeft |"))
+    assert "| 60.00 (n=1) |" in row and "±" not in row
+    (row,) = csv.DictReader(io.StringIO(fewshot_csv(records)))
+    assert row["std"] == "" and float(row["mean"]) == pytest.approx(60.0)
