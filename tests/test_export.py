@@ -57,7 +57,7 @@ def fit_checkpoint(kind: str, root: Path) -> tuple[Path, L.LightningDataModule]:
 
 
 # 1. config.json: timm's eval transform is the run's.
-@pytest.mark.parametrize("kind", ["vtab", "fgvc"])
+@pytest.mark.parametrize("kind", ["vtab", "fgvc", "folder"])
 def test_timm_eval_transform_of_the_export_gives_the_test_tensors(tmp_path: Path,
                                                                    kind: str) -> None:
     ckpt, dm = fit_checkpoint(kind, tmp_path)
@@ -65,13 +65,18 @@ def test_timm_eval_transform_of_the_export_gives_the_test_tensors(tmp_path: Path
     cfg = json.loads((tmp_path / "export" / "config.json").read_text())["pretrained_cfg"]
     # Only the run's data, architecture keys and the given licence; nothing of the backbone's
     # pretraining (its tag, licence, source, test-time size).
-    geometry = {"vtab": (1.0, "squash"), "fgvc": (224 / 256, "center")}[kind]
+    geometry = {"vtab": (1.0, "squash"), "fgvc": (224 / 256, "center"),
+                "folder": (224 / 256, "center")}[kind]
     assert (cfg["crop_pct"], cfg["crop_mode"]) == geometry
     assert (tuple(cfg["mean"]), tuple(cfg["std"])) == (MEAN, STD)
     assert cfg["input_size"] == [3, IMAGE_SIZE, IMAGE_SIZE] and cfg["license"] == "mit"
     assert not {"tag", "hf_hub_id", "url", "test_input_size", "test_crop_pct"} & set(cfg)
 
     local = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
+    if kind == "folder":  # the only kind with class names
+        assert local.pretrained_cfg["label_names"] == dm.class_names
+        card = (tmp_path / "export" / "README.md").read_text()
+        assert f"| Classes | {dm.num_classes}: {', '.join(dm.class_names)} |" in card
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=local))
     dm.setup("test")
     images, labels = next(iter(dm.test_dataloader()))
@@ -260,9 +265,8 @@ def test_deprecated_checkpoint_path_still_names_the_backbone_weights(run: dict,
 
 
 # 5. timm versions: pyproject allows timm releases whose save_for_hf has no data_config.
-def test_export_calls_save_for_hf_as_timm_1_0_16_defines_it(run: dict, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch
-                                                            ) -> None:
+def test_save_for_hf_of_timm_1_0_16_and_what_timm_wrote_is_checked(
+        run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from wegeft_vision.training import export
 
     real = export.save_for_hf
@@ -279,6 +283,19 @@ def test_export_calls_save_for_hf_as_timm_1_0_16_defines_it(run: dict, tmp_path:
     assert cfg["model_args"]["depth"] == BACKBONE_KWARGS["depth"]  # given, not only recorded
     assert (cfg["pretrained_cfg"]["crop_pct"], cfg["pretrained_cfg"]["crop_mode"]) == (
         1.0, "squash")
+
+    def save_for_hf_cropping(model, save_directory, **kwargs):
+        real(model, save_directory, **kwargs)
+        path = Path(save_directory) / "config.json"
+        config = json.loads(path.read_text())
+        config["pretrained_cfg"].pop("crop_pct")  # as a timm that dropped the key would write
+        path.write_text(json.dumps(config))
+
+    monkeypatch.setattr(export, "save_for_hf", save_for_hf_cropping)
+    with pytest.raises(RuntimeError, match=r"config.json: timm resolves the preprocessing "
+                                           r"differently from the run's \(timm's, the run's\): "
+                                           r"\{'crop_pct': \(0.875, 1.0\)\}"):
+        export_checkpoint(run["ckpt"], tmp_path / "export", overwrite=True)
 
     monkeypatch.setattr(export, "save_for_hf", None)  # timm < 1.0.16
     with pytest.raises(ImportError, match=r"export needs timm >= 1\.0\.16 \(timm.models."

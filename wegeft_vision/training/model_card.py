@@ -83,6 +83,7 @@ def write_model_card(path: Path, *, module: Any, count: ParameterCount,
     accuracy = run_accuracy(run_folder(ckpt_path) / "metrics.csv", checkpoint.get("global_step", 0))
     info = module.checkpoint_info or {}
     names = info.get("class_names")
+    shown = ", ".join(map(str, (names or [])[:10])) + (", ..." if len(names or []) > 10 else "")
     command = ("wegeft-vision fit --config training_config.yaml"
                if "training_config.yaml" in files else NOT_RECORDED)
     rows = [
@@ -95,8 +96,7 @@ def write_model_card(path: Path, *, module: Any, count: ParameterCount,
         ("Trainable parameters", f"{count.trainable:,} ({count.percent:.3f}% of the backbone's "
                                  f"{count.backbone:,}) + head {count.head:,}"),
         ("Data", f"{data_class}({data_args})" if data else NOT_RECORDED),
-        ("Classes", f"{hp.num_classes}" + (f": {', '.join(map(str, names[:10]))}"
-                                           + (", ..." if len(names) > 10 else "") if names else "")),
+        ("Classes", f"{hp.num_classes}" + (f": {shown}" if names else "")),
         ("Test accuracy (top-1)", _percent(accuracy.get("test/acc"))),
         ("Validation accuracy (top-1)", _percent(accuracy.get("val/acc"))),
         ("Checkpoint", f"epoch {checkpoint.get('epoch')}, step {checkpoint.get('global_step')}"),
