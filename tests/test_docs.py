@@ -8,7 +8,7 @@ The convention (docs/docs-examples.md says it for writers):
 - ``<!-- not-run: reason -->`` on the line(s) just above a block: the block does not run; the
   reason (a GPU, SLURM, the hub, real datasets, minutes of compute) is required. ``console``
   transcripts can only be shown this way.
-- ``<!-- test-with: "old" -> "new"; "old2" -> "new2" -->``: the test runs the block with
+- ``<!-- test-with: "old" -> "new"; 'old "2"' -> 'new "2"' -->``: the test runs the block with
   these replacements (fewer epochs, a folder that exists here); each "old" must occur in it.
 - ``<!-- output-in-comments -->``: every line the Python block prints appears in it as
   ``# <line>``.
@@ -18,7 +18,8 @@ The convention (docs/docs-examples.md says it for writers):
 Shell lines run in this process where they call ``wegeft-vision`` or ``python``, which spares the
 seconds of imports per command; a line with pipes or redirections, another program, or a DDP run
 (which starts processes of its own) runs in a real shell with this environment's ``bin`` first on
-PATH.
+PATH. ``wegeft-vision fit/validate/test/predict`` lines run with at most 3 batches per loop
+(``FEW_BATCHES``): every option the example names is still parsed and used.
 """
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ RUN_TAGS = {"python", "bash", "sh", "shell", "console"}
 DATA_TAGS = {"text", "yaml", "json"}
 SHARED = ("data", "configs", "scripts")
 SHELL_SYNTAX = re.compile(r"[|&;<>`]|\$\(")
+# Appended to the training commands the examples run: a few batches per loop exercise every
+# option an example names (what goes stale) at a fraction of the time. Epochs stay as written.
+FEW_BATCHES = [f"--trainer.limit_{loop}_batches=3" for loop in ("train", "val", "test", "predict")]
 
 
 @dataclass
@@ -72,11 +76,12 @@ class Block:
         spec = self.marker("test-with")
         if spec is None:
             return []
-        pairs = re.findall(r'"((?:[^"\\]|\\.)*)"\s*->\s*"((?:[^"\\]|\\.)*)"', spec)
+        quoted = r"""("[^"]*"|'[^']*')"""  # "text" or 'text with "double" quotes'
+        pairs = re.findall(quoted + r"\s*->\s*" + quoted, spec)
         if not pairs or len(pairs) != spec.count("->"):
             raise ValueError(f"{self.where}: test-with wants '\"old\" -> \"new\"; ...', "
                              f"got {spec!r}")
-        return pairs
+        return [(old[1:-1], new[1:-1]) for old, new in pairs]
 
     def code_to_run(self) -> str:
         code = self.code
@@ -199,6 +204,9 @@ def test_the_parser_sees_markers_and_rejects_untagged_blocks(tmp_path):
     assert blocks[0].not_run == "needs a GPU" and blocks[1].not_run is None
     assert blocks[1].code_to_run() == "wegeft-vision fit --trainer.max_epochs 1\n"
     assert blocks[2].code == "untagged\n"
+    quoted = Block(page, 1, "python", 'main(["--epochs", "5"])\n',
+                   ["""test-with: '"--epochs", "5"' -> '"--epochs", "1"'"""])
+    assert quoted.code_to_run() == 'main(["--epochs", "1"])\n'
     stale = Block(page, 1, "bash", "wegeft-vision fit\n", ['test-with: "--x 1" -> "--x 2"'])
     with pytest.raises(ValueError, match="does not contain"):
         stale.code_to_run()
@@ -263,7 +271,10 @@ def run_shell_line(line: str, where: str) -> None:
     what = f"{where}: `{line}`"
     if program == "wegeft-vision":
         from wegeft_vision.cli import main
-        with _argv_env(["wegeft-vision", *words[1:]], env):
+        args = words[1:]
+        if args[:1] in (["fit"], ["validate"], ["test"], ["predict"]):
+            args += FEW_BATCHES
+        with _argv_env(["wegeft-vision", *args], env):
             _exit_ok(main, what)
     elif words[1] == "-c":
         with _argv_env(["-c", *words[3:]], env):
