@@ -19,6 +19,7 @@ logs and checkpoints of each run).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -29,7 +30,6 @@ import resource
 import shutil
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -332,7 +332,8 @@ class ProtocolRunner:
         self.config_digest = self._digest()
         self._hashes: dict[tuple[str, int, int], str] = {}
         self._common_settings = {
-            "configs": [{"path": str(c), "sha256": self._sha256(c)} for c in self.configs],
+            "configs": [{"path": str(c.resolve()), "sha256": self._sha256(c)}
+                        for c in self.configs],
             "overrides": self.overrides, **self._backbone_settings()}
 
     @property
