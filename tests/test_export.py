@@ -164,6 +164,8 @@ def test_model_card_describes_the_run(run: dict, tmp_path: Path) -> None:
     assert rows["Data"].startswith("VTAB1kDataModule(task=toy, split=train800")
     assert rows["Test accuracy (top-1)"] == f"{100 * run['metrics']['test/acc']:.2f}%"
     assert rows["Validation accuracy (top-1)"] == f"{100 * run['metrics']['val/acc']:.2f}%"
+    step = torch.load(run["ckpt"], weights_only=True)["global_step"]
+    assert f"`metrics.csv` logged at this checkpoint's step ({step})." in " ".join(body.split())
     assert rows["Training command"] == "`wegeft-vision fit --config training_config.yaml`"
     assert rows["License"] == "cc-by-4.0"
     trained = yaml.safe_load((out / "training_config.yaml").read_text())

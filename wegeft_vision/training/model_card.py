@@ -104,9 +104,10 @@ def write_model_card(path: Path, *, module: Any, count: ParameterCount,
         ("License", license or "not stated by the exporter"),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    eval_note = ("The accuracies are the ones the run logged for these weights "
-                 "(`metrics.csv` beside the checkpoint)." if accuracy else
-                 "The run's log folder holds no accuracy for these weights.")
+    step = checkpoint.get("global_step")
+    eval_note = (f"The accuracies are the rows of the run's `metrics.csv` logged at this "
+                 f"checkpoint's step ({step})." if accuracy else
+                 "The run's log folder holds no accuracy logged at this checkpoint's step.")
     card_data = ModelCardData(library_name="timm", license=license, pipeline_tag=
                               "image-classification", base_model=_base_model(hp),
                               tags=["image-classification", "timm", "wegeft-vision", method])
