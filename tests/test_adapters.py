@@ -191,6 +191,28 @@ def test_qkv_part_changes_its_own_rows_only(config_cls, part, index):
     torch.testing.assert_close(merged[own], w[own] + delta_w, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("config", [WeGeFTConfig(rank=3, targets="attn.qkv"),
+                                    WeGeFTConfig(rank=3, targets="attn.qkv", qkv_parts=("v",)),
+                                    LoRAConfig(rank=3, targets="attn.qkv", qkv_parts=("q", "k"))],
+                         ids=str)
+def test_weight_read_directly_is_the_effective_weight(config):
+    """Code that reads ``layer.weight`` (timm's EVA/BEiT attention) gets W + dW, with gradients
+    to the edits; the state dict keeps the frozen W."""
+    model = apply_adapter(tiny_vit(dtype=torch.float64), config)
+    randomize_edits(model)
+    layer = model.blocks[0].attn.qkv
+    x = torch.randn(5, 32, dtype=torch.float64)
+    torch.testing.assert_close(nn.functional.linear(x, layer.weight, layer.bias), layer(x),
+                               rtol=1e-12, atol=1e-14)
+    frozen = model.state_dict()["blocks.0.attn.qkv.base_layer.weight"]
+    assert torch.equal(frozen, tiny_vit(dtype=torch.float64).blocks[0].attn.qkv.weight)
+    assert not torch.equal(layer.weight.detach(), frozen)
+    layer.weight.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0
+               for edit in layer.edits.values() for p in edit.parameters())
+    assert layer.base_layer.weight.grad is None
+
+
 def test_remove_adapter_restores_original_layers():
     model = tiny_vit()
     originals = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
