@@ -92,14 +92,28 @@ def test_timm_eval_transform_of_the_export_gives_the_test_tensors(tmp_path: Path
         torch.testing.assert_close(local(timm_images), trained(images), rtol=1e-4, atol=1e-5)
 
 
-def test_checkpoint_without_the_eval_crop_warns(run: dict, tmp_path: Path) -> None:
+def test_checkpoint_without_the_eval_preprocessing_warns(run: dict, tmp_path: Path) -> None:
     checkpoint = torch.load(run["ckpt"], weights_only=True)
     for key in ("crop_pct", "crop_mode"):
         checkpoint["wegeft_vision"]["data_config"].pop(key, None)
     torch.save(checkpoint, tmp_path / "old.ckpt")
     with pytest.warns(UserWarning, match=r"old.ckpt does not record the run's evaluation "
-                                         r"preprocessing \(crop_pct, crop_mode\)"):
-        export_checkpoint(tmp_path / "old.ckpt", tmp_path / "export")
+                                         r"preprocessing \(crop_pct, crop_mode\): config.json "
+                                         r"takes them from the backbone's pretrained config"):
+        export_checkpoint(tmp_path / "old.ckpt", tmp_path / "old")
+    backbone_cfg = timm.models.get_pretrained_cfg(BACKBONE)
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())["pretrained_cfg"]
+    assert (cfg["crop_pct"], cfg["crop_mode"]) == (backbone_cfg.crop_pct, backbone_cfg.crop_mode)
+    assert (cfg["mean"], cfg["input_size"]) == ([0.5] * 3, [3, 32, 32])  # what it does record
+
+    checkpoint["wegeft_vision"]["data_config"] = None  # trained without a datamodule
+    torch.save(checkpoint, tmp_path / "bare.ckpt")
+    with pytest.warns(UserWarning, match=r"\(input_size, interpolation, mean, std, crop_pct, "
+                                         r"crop_mode\)"):
+        export_checkpoint(tmp_path / "bare.ckpt", tmp_path / "bare")
+    cfg = json.loads((tmp_path / "bare" / "config.json").read_text())["pretrained_cfg"]
+    assert cfg["input_size"] == [3, 32, 32]  # the model's size, not the backbone's 224
+    assert tuple(cfg["mean"]) == tuple(backbone_cfg.mean)
 
 
 # 2. ONNX.

@@ -54,12 +54,17 @@ def export_pretrained_cfg(model: torch.nn.Module, data_config: Optional[dict[str
                           license: Optional[str], where: str) -> dict[str, Any]:
     """timm's pretrained config for the export: the architecture's keys, the run's preprocessing
     (``data_config``, timm's form) and the exporter's licence."""
-    cfg = {k: model.pretrained_cfg[k] for k in ARCHITECTURE_CFG_KEYS if k in model.pretrained_cfg}
+    source = model.pretrained_cfg
+    cfg = {k: source[k] for k in ARCHITECTURE_CFG_KEYS + DATA_CFG_KEYS if k in source}
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None:  # backbone_kwargs may have changed the pretrained size
+        cfg["input_size"] = [3, *img_size]
     missing = [k for k in DATA_CFG_KEYS if k not in (data_config or {})]
     if missing:
         warnings.warn(f"{where} does not record the run's evaluation preprocessing "
-                      f"({', '.join(missing)}): config.json leaves them to timm's defaults, which "
-                      "may not be what the run evaluated with", stacklevel=3)
+                      f"({', '.join(missing)}): config.json takes them from the backbone's "
+                      "pretrained config, which may not be what the run evaluated with",
+                      stacklevel=3)
     cfg.update({k: v for k, v in (data_config or {}).items() if k in DATA_CFG_KEYS})
     cfg.update(num_classes=model.num_classes, custom_load=False)
     if license:
@@ -141,7 +146,7 @@ def export_checkpoint(ckpt_path: Union[str, Path], output_dir: Union[str, Path],
     if config_yaml.is_file():
         shutil.copyfile(config_yaml, output_dir / TRAINING_CONFIG_NAME)
     if format == "onnx":
-        export_onnx(model, output_dir / ONNX_NAME, pretrained_cfg.get("input_size"))
+        export_onnx(model, output_dir / ONNX_NAME, pretrained_cfg["input_size"])
     files = sorted({CARD_NAME, *(p.name for p in output_dir.iterdir() if p.name in EXPORT_FILES)})
     write_model_card(output_dir / CARD_NAME, module=module, count=count, checkpoint=checkpoint,
                      ckpt_path=ckpt_path, license=license, files=files)
@@ -170,11 +175,10 @@ def _check_config(path: Path, expected: dict[str, Any]) -> None:
                            f"(timm's, the run's): {wrong}")
 
 
-def export_onnx(model: torch.nn.Module, path: Path, input_size: Optional[list[int]]) -> None:
+def export_onnx(model: torch.nn.Module, path: Path, input_size: list[int]) -> None:
     """Write ``model`` to ONNX with input ``images`` (batch, C, H, W), dynamic batch, and
     output ``logits``."""
-    channels, height, width = input_size or model.pretrained_cfg["input_size"]
-    example = torch.zeros(2, channels, height, width)
+    example = torch.zeros(2, *input_size)
     torch.onnx.export(model, (example,), str(path), input_names=["images"],
                       output_names=["logits"], dynamo=True, verbose=False,
                       dynamic_shapes=({0: torch.export.Dim("batch")},))
