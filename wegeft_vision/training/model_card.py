@@ -31,7 +31,9 @@ def run_accuracy(metrics_csv: Path, global_step: int) -> dict[str, float]:
 
     Lightning's CSVLogger writes validation rows at the index of the last training batch
     (``global_step - 1``) and test rows at ``global_step``; rows at other steps belong to other
-    weights (an earlier epoch, a test of the best checkpoint) and are ignored.
+    weights (an earlier epoch) and are ignored. Lightning logs ``trainer.test(ckpt_path=...)`` at
+    the trainer's step, not the checkpoint's: a test of an earlier checkpoint in the same log
+    folder reads as the final weights' (docs/export.md says so).
     """
     if not metrics_csv.is_file():
         return {}
