@@ -108,6 +108,9 @@ class AdapterConfig:
 class WeGeFTConfig(AdapterConfig):
     """WeGeFT: dW = W·phi·psi, applied as y = W(x + phi(psi(x))) + b.
 
+    Initialised as the authors' vision code: psi = 0 and phi ~ U(+-1/sqrt(d_in)), so training
+    starts at the pretrained model and only psi moves at step 1.
+
     Args:
         rank: generator rank r (psi: d_in -> r, phi: r -> d_in).
         targets: block projection kinds ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
