@@ -49,7 +49,7 @@ def make_toy_task(root: Path, task: str = TASK, extra_test: int = EXTRA_TEST) ->
 
 
 def make_backbone_file(path: Path, seed: int = 0, **overrides: Any) -> Path:
-    """Random tiny-ViT weights without a head, as an offline ``checkpoint_path``."""
+    """Random tiny-ViT weights without a head, as an offline ``weights_path``."""
     torch.manual_seed(seed)
     model = timm.create_model(BACKBONE, pretrained=False, num_classes=0,
                               **{**BACKBONE_KWARGS, **overrides})
@@ -70,7 +70,7 @@ def write_config(path: Path, data_root: Path, weights: Path, log_dir: Path,
                        "init_args": {"save_dir": str(log_dir), "name": "toy"}},
         },
         "model": {
-            "backbone": BACKBONE, "checkpoint_path": str(weights),
+            "backbone": BACKBONE, "weights_path": str(weights),
             "backbone_kwargs": BACKBONE_KWARGS, "drop_path_rate": 0.0, "lr": 0.01,
             "weight_decay": 0.01, "warmup_epochs": 1, "min_lr": 0.001,
             "adapter": {"class_path": "wegeft_vision.WeGeFTConfig",

@@ -237,7 +237,7 @@ def test_demo_config_runs_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     summary = capsys.readouterr().out.split("=== wegeft-vision summary ===")[-1]
     val_acc = float(cli.trainer.callback_metrics["val/acc"])
     assert "trainable 21,504" in summary and "+ head 485" in summary
-    assert f"best {val_acc:.4f} (validation 1 of 1), last {val_acc:.4f}" in summary
+    assert f"best {val_acc:.4f} (epoch 1 of 1), last {val_acc:.4f} (epoch 1 of 1)" in summary
     assert f"test:         acc {test_acc:.4f}" in summary
     log_dir = Path(cli.trainer.log_dir)
     assert f"checkpoint:   {log_dir / 'checkpoints' / 'last.ckpt'} (latest epoch)" in summary

@@ -14,7 +14,7 @@ from _training_helpers import (BACKBONE, BACKBONE_KWARGS, NUM_CLASSES, TASK, mak
                                make_toy_task, save_google_npz)
 from wegeft_vision import FullFinetuneConfig, LinearProbeConfig, LoRAConfig, WeGeFTConfig
 from wegeft_vision.data import VTAB1kDataModule
-from wegeft_vision.training import ViTClassifier, WarmupCosine, build_adamw, create_backbone
+from wegeft_vision.training import ViTClassifier, build_adamw, create_backbone, warmup_cosine
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def tiny_model(weights: Path, **kwargs) -> ViTClassifier:
-    args = dict(backbone=BACKBONE, num_classes=NUM_CLASSES, checkpoint_path=str(weights),
+    args = dict(backbone=BACKBONE, num_classes=NUM_CLASSES, weights_path=str(weights),
                 backbone_kwargs=BACKBONE_KWARGS, adapter=WeGeFTConfig(rank=4, targets="all"),
                 drop_path_rate=0.0, lr=0.01, weight_decay=0.01, warmup_epochs=1.0, min_lr=1e-3)
     return ViTClassifier(**{**args, **kwargs})
@@ -48,28 +48,67 @@ def trainer(tmp_path: Path, max_epochs: int, **kwargs) -> L.Trainer:
 
 
 # Schedule and optimiser.
-def test_warmup_cosine_values_and_lambda_lr() -> None:
-    schedule = WarmupCosine(lr=1e-3, warmup_lr=1e-7, min_lr=1e-6, warmup_steps=10,
-                            total_steps=110)
-    expected = {0: 1e-7, 5: 1e-7 + (1e-3 - 1e-7) / 2, 10: 1e-3,
-                60: 1e-6 + (1e-3 - 1e-6) / 2,  # half-way through the cosine
-                35: 1e-6 + 0.5 * (1e-3 - 1e-6) * (1 + math.cos(math.pi / 4)), 110: 1e-6}
-    for step, lr in expected.items():
-        assert schedule.learning_rate(step) == pytest.approx(lr, rel=1e-9), step
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.AdamW([param], lr=1e-3)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+def paper_lr(step: int, lr: float, warmup_lr: float, min_lr: float, warmup: int,
+             total: int) -> float:
+    """The paper's schedule (REFERENCE.md): linear warm-up, then half a cosine to min_lr."""
+    if step < warmup:
+        return warmup_lr + (lr - warmup_lr) * step / warmup
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+def stepped_lrs(scheduler, optimizer, steps: int) -> list[list[float]]:
     seen = []
-    for _ in range(111):
-        seen.append(optimizer.param_groups[0]["lr"])
+    for _ in range(steps):
+        seen.append([group["lr"] for group in optimizer.param_groups])
         optimizer.step()
         scheduler.step()
-    assert seen[0] == pytest.approx(1e-7) and seen[10] == pytest.approx(1e-3)
-    assert seen[110] == pytest.approx(1e-6)
-    assert all(a <= b for a, b in zip(seen[:10], seen[1:11]))
-    assert all(a >= b for a, b in zip(seen[10:], seen[11:]))
-    with pytest.raises(ValueError, match="warmup_steps <= total_steps"):
-        WarmupCosine(lr=1e-3, warmup_lr=0, min_lr=0, warmup_steps=5, total_steps=4)
+    return seen + [[group["lr"] for group in optimizer.param_groups]]
+
+
+@pytest.mark.parametrize("warmup, total", [(10, 110), (0, 7), (3, 3), (1, 2)])
+def test_warmup_cosine_steps_through_the_papers_schedule(warmup: int, total: int) -> None:
+    params = [torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))]
+    optimizer = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:],
+                                                            "weight_decay": 0.0}], lr=1e-3)
+    scheduler = warmup_cosine(optimizer, warmup_lr=1e-7, min_lr=1e-6, warmup_steps=warmup,
+                              total_steps=total)
+    seen = stepped_lrs(scheduler, optimizer, total)
+    # After a warm-up of all steps the rate stays at lr (no cosine left to run).
+    expected = [paper_lr(step, 1e-3, 1e-7, 1e-6, warmup, total)
+                if step < warmup or warmup < total else 1e-3 for step in range(total + 1)]
+    for step, (lrs, lr) in enumerate(zip(seen, expected)):
+        assert lrs == pytest.approx([lr, lr], rel=1e-9, abs=1e-15), step
+    if warmup:
+        assert seen[0][0] == pytest.approx(1e-7, rel=1e-9)
+    assert seen[warmup][0] == pytest.approx(1e-3, rel=1e-9)
+
+
+def test_warmup_cosine_resumes_from_its_state_dict() -> None:
+    def fresh():
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+        return optimizer, warmup_cosine(optimizer, warmup_lr=1e-7, min_lr=1e-6, warmup_steps=10,
+                                        total_steps=50)
+    optimizer, scheduler = fresh()
+    stepped_lrs(scheduler, optimizer, 7)
+    resumed_optimizer, resumed = fresh()
+    resumed_optimizer.load_state_dict(optimizer.state_dict())
+    resumed.load_state_dict(scheduler.state_dict())
+    seen = stepped_lrs(resumed, resumed_optimizer, 43)
+    for step, [lr] in enumerate(seen, start=7):
+        assert lr == pytest.approx(paper_lr(step, 1e-3, 1e-7, 1e-6, 10, 50), rel=1e-9), step
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"warmup_steps": 5, "total_steps": 4}, r"0 <= warmup_steps <= total_steps.*got 5 and 4"),
+    ({"warmup_steps": 0, "total_steps": 0}, r"total_steps > 0"),
+    ({"warmup_lr": 0.0}, r"warmup_lr must be in \(0, lr=0.001\] for a warm-up, got 0.0"),
+    ({"warmup_lr": 0.01}, r"warmup_lr must be in \(0, lr=0.001\]"),
+])
+def test_warmup_cosine_refuses_bad_settings(kwargs: dict, match: str) -> None:
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    args = {"warmup_lr": 1e-7, "min_lr": 1e-6, "warmup_steps": 2, "total_steps": 5, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        warmup_cosine(optimizer, **args)
 
 
 @pytest.mark.parametrize("adapter, trainable_prefixes", [
@@ -81,6 +120,7 @@ def test_warmup_cosine_values_and_lambda_lr() -> None:
 def test_adamw_decays_matrices_only(files: dict[str, Path], adapter, trainable_prefixes) -> None:
     model = tiny_model(files["weights"], adapter=adapter).model
     optimizer = build_adamw(model, lr=1e-3, weight_decay=0.05)
+    assert type(optimizer) is torch.optim.AdamW and optimizer.defaults["lr"] == 1e-3
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"]
                for p in g["params"]}
@@ -103,7 +143,7 @@ def test_local_weights_are_loaded_in_every_format(files: dict[str, Path], tmp_pa
     pth = tmp_path / "backbone.pth"
     torch.save(saved, pth)
     for path in (files["weights"], pth):
-        model = create_backbone(BACKBONE, 3, checkpoint_path=path, backbone_kwargs=BACKBONE_KWARGS)
+        model = create_backbone(BACKBONE, 3, weights_path=path, backbone_kwargs=BACKBONE_KWARGS)
         state = model.state_dict()
         assert all(torch.equal(state[k], v) for k, v in saved.items())
         assert state["head.weight"].shape == (3, BACKBONE_KWARGS["embed_dim"])
@@ -113,7 +153,7 @@ def test_google_npz_weights_load_through_timms_npz_loader(tmp_path: Path) -> Non
     source = create_backbone(BACKBONE, 3, pretrained=False, init_seed=7,
                              backbone_kwargs=BACKBONE_KWARGS)
     npz = save_google_npz(source, tmp_path / "ViT-tiny.npz")
-    model = create_backbone(BACKBONE, 5, checkpoint_path=npz, backbone_kwargs=BACKBONE_KWARGS)
+    model = create_backbone(BACKBONE, 5, weights_path=npz, backbone_kwargs=BACKBONE_KWARGS)
     reference = source.state_dict()
     for name, tensor in model.state_dict().items():
         if not name.startswith("head."):
@@ -121,7 +161,7 @@ def test_google_npz_weights_load_through_timms_npz_loader(tmp_path: Path) -> Non
     deeper = {**BACKBONE_KWARGS, "depth": 3}
     with pytest.raises(ValueError, match=r"weights .*ViT-tiny.npz do not fit timm model "
                                          r"'vit_tiny_patch16_224'.*encoderblock_2"):
-        create_backbone(BACKBONE, 5, checkpoint_path=npz, backbone_kwargs=deeper)
+        create_backbone(BACKBONE, 5, weights_path=npz, backbone_kwargs=deeper)
 
 
 def test_random_backbone_is_reproducible_from_init_seed() -> None:
@@ -137,8 +177,8 @@ def test_random_backbone_is_reproducible_from_init_seed() -> None:
     ("vit_base_patch16_224.augreg_in21", {"pretrained": True}, ValueError,
      r"no pretrained weights 'vit_base_patch16_224.augreg_in21'; did you mean "
      r".*vit_base_patch16_224.augreg_in21k"),
-    (BACKBONE, {"checkpoint_path": "missing/weights.safetensors"}, FileNotFoundError,
-     r"checkpoint_path missing/weights.safetensors does not exist"),
+    (BACKBONE, {"weights_path": "missing/weights.safetensors"}, FileNotFoundError,
+     r"weights_path missing/weights.safetensors does not exist"),
     (BACKBONE, {"backbone_kwargs": {**BACKBONE_KWARGS, "depth_typo": 3}}, ValueError,
      r"backbone_kwargs .*depth_typo.* do not fit timm model 'vit_tiny_patch16_224'"),
 ])
@@ -152,12 +192,12 @@ def test_weights_of_another_architecture_are_refused(files: dict[str, Path],
                                                      tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"weights .*deeper.safetensors do not fit timm model "
                                          r"'vit_tiny_patch16_224'.*unexpected blocks.2"):
-        create_backbone(BACKBONE, 3, checkpoint_path=files["deeper_weights"],
+        create_backbone(BACKBONE, 3, weights_path=files["deeper_weights"],
                         backbone_kwargs=BACKBONE_KWARGS)
     text = tmp_path / "weights.txt"
     text.write_text("not weights")
     with pytest.raises(ValueError, match=r"weights.txt has suffix '.txt'; expected one of .npz"):
-        create_backbone(BACKBONE, 3, checkpoint_path=text, backbone_kwargs=BACKBONE_KWARGS)
+        create_backbone(BACKBONE, 3, weights_path=text, backbone_kwargs=BACKBONE_KWARGS)
 
 
 # Slim checkpoints, resuming, and loading into the wrong model.
@@ -214,7 +254,7 @@ def test_checkpoint_is_slim_and_resume_reproduces_training(files: dict[str, Path
 
 @pytest.mark.parametrize("overrides, match", [
     ({"num_classes": 5}, r"trained with num_classes=6, but this model has num_classes=5"),
-    ({"backbone_kwargs": {**BACKBONE_KWARGS, "depth": 3}, "checkpoint_path": None,
+    ({"backbone_kwargs": {**BACKBONE_KWARGS, "depth": 3}, "weights_path": None,
       "pretrained": False}, r"trained with backbone_kwargs=.*'depth': 2.*this model has "
                             r"backbone_kwargs=.*'depth': 3"),
     ({"adapter": LoRAConfig(rank=4)}, r"trained with adapter=WeGeFTConfig.*this model has "
@@ -226,7 +266,7 @@ def test_loading_into_a_different_model_is_refused(files: dict[str, Path], tmp_p
                                                    overrides: dict, match: str) -> None:
     fit(files, tmp_path, max_epochs=1)
     if overrides.pop("other_weights", False):
-        overrides["checkpoint_path"] = str(files["other_weights"])
+        overrides["weights_path"] = str(files["other_weights"])
     with pytest.raises(ValueError, match=match):
         ViTClassifier.from_checkpoint(tmp_path / "last.ckpt", **overrides)
 
@@ -247,11 +287,11 @@ def test_schedule_is_counted_in_steps_for_max_steps_runs(files: dict[str, Path],
     run = trainer(tmp_path, max_epochs=None, max_steps=5, limit_val_batches=0)
     run.fit(model, datamodule=toy_data(files, batch_size=4))  # 12 images: 3 steps per epoch
     config = run.lr_scheduler_configs[0]
-    assert config.interval == "step"
-    assert (config.scheduler.lr_lambdas[0].warmup_steps,
-            config.scheduler.lr_lambdas[0].total_steps) == (3, 5)
+    assert config.interval == "step" and config.scheduler.last_epoch == 5
+    warmup, cosine = config.scheduler._schedulers
+    assert (warmup.total_iters, cosine.T_max) == (3, 2)
     assert run.optimizers[0].param_groups[0]["lr"] == pytest.approx(
-        config.scheduler.lr_lambdas[0].learning_rate(5))
+        paper_lr(5, 0.01, 1e-7, 1e-3, 3, 5), rel=1e-9)
 
 
 def test_full_finetuning_checkpoint_rebuilds_without_the_backbone_file(files: dict[str, Path],

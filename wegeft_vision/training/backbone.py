@@ -6,8 +6,10 @@ names or the mismatching tensors in the message.
 from __future__ import annotations
 
 import difflib
-import hashlib
+import os
+import socket
 import sys
+from urllib.parse import urlparse
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
@@ -15,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from ..adapters.model import head_parameter_names
+from ..adapters.model import fingerprint, head_parameter_names  # noqa: F401 (re-exported)
 
 WEIGHT_SUFFIXES: tuple[str, ...] = (".npz", ".safetensors", ".pth", ".pt", ".bin")
 
@@ -42,15 +44,63 @@ def check_weights_file(path: Union[str, Path]) -> Path:
     """The weights file as a Path, or FileNotFoundError/ValueError naming what is wrong."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint_path {path} does not exist")
+        raise FileNotFoundError(f"weights_path {path} does not exist")
     if path.suffix not in WEIGHT_SUFFIXES:
-        raise ValueError(f"checkpoint_path {path} has suffix {path.suffix!r}; expected one of "
+        raise ValueError(f"weights_path {path} has suffix {path.suffix!r}; expected one of "
                          f"{', '.join(WEIGHT_SUFFIXES)}")
     return path
 
 
+def _weights_cached(cfg: Any) -> bool:
+    """Whether timm would find the pretrained weights on disk (huggingface_hub or torch.hub's
+    cache) without going online."""
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        names = [cfg.hf_hub_filename] if cfg.hf_hub_filename else [
+            "model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str)
+               for f in names):
+            return True
+    if cfg.url:
+        return (Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+                ).is_file()
+    return False
+
+
+def check_hub_reachable(name: str, timeout: float = 3.0) -> None:
+    """Fail in seconds, not after a minute of download retries, when timm's pretrained weights
+    are neither cached nor reachable (HF_HUB_OFFLINE set, or no connection to the hub)."""
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:
+        return  # timm raises its own error for a tag without weights
+    if cfg is None or _weights_cached(cfg):
+        return
+    advice = ("download the weights file where there is internet and pass it as "
+              "--model.weights_path (ViTClassifier(weights_path=...)), or set pretrained false "
+              "for a random backbone")
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise ConnectionError(f"timm's pretrained weights for {name!r} are not in the local "
+                              f"cache and HF_HUB_OFFLINE is set: {advice}")
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # only a download through the proxy can tell
+    url = (os.environ.get("HF_ENDPOINT", "https://huggingface.co") if cfg.hf_hub_id
+           else cfg.url)
+    if not url:
+        return
+    host = urlparse(url)
+    try:
+        socket.create_connection((host.hostname, host.port or (443 if host.scheme == "https"
+                                                                 else 80)), timeout).close()
+    except OSError as err:
+        raise ConnectionError(f"timm's pretrained weights for {name!r} are not in the local "
+                              f"cache and {host.netloc} cannot be reached ({err}): "
+                              f"{advice}") from err
+
+
 def create_backbone(name: str, num_classes: int, *, pretrained: bool = True,
-                    checkpoint_path: Optional[Union[str, Path]] = None,
+                    weights_path: Optional[Union[str, Path]] = None,
                     drop_path_rate: float = 0.0, init_seed: int = 0,
                     backbone_kwargs: Optional[dict[str, Any]] = None) -> nn.Module:
     """A timm model with a fresh ``num_classes`` head.
@@ -60,7 +110,7 @@ def create_backbone(name: str, num_classes: int, *, pretrained: bool = True,
             (``vit_base_patch16_224.augreg_in21k``).
         num_classes: classes of the new head.
         pretrained: load timm's pretrained weights (downloaded or from the local cache).
-        checkpoint_path: load weights from this local file instead: ``.npz`` through the model's
+        weights_path: load weights from this local file instead: ``.npz`` through the model's
             own npz loader (Google's ``ViT-B_16.npz``), ``.safetensors``/``.pth`` as a timm state
             dict, passed through the model's timm checkpoint filter. Every backbone tensor must
             be in the file; a classifier head in it is ignored.
@@ -72,9 +122,11 @@ def create_backbone(name: str, num_classes: int, *, pretrained: bool = True,
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     kwargs = dict(backbone_kwargs or {})
-    path = None if checkpoint_path is None else check_weights_file(checkpoint_path)
+    path = None if weights_path is None else check_weights_file(weights_path)
     from_hub = pretrained and path is None
     check_model_name(name, needs_pretrained_tag=from_hub)
+    if from_hub:
+        check_hub_reachable(name)
     # .npz files go through the model's own loader, which timm calls for custom_load configs.
     overlay = dict(file=str(path), custom_load=True) if path and path.suffix == ".npz" else None
     try:
@@ -120,13 +172,3 @@ def _load_weights_file(model: nn.Module, path: Path, what: str) -> None:
 def _some(keys: list[str], n: int = 6) -> str:
     return "none" if not keys else ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)"
                                                           if len(keys) > n else "")
-
-
-def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names, shapes, dtypes and bytes: tells two sets of frozen weights apart."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}:{tuple(tensors[name].shape)}:{tensor.dtype};".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -23,7 +24,7 @@ from ..adapters import (AdapterConfig, FullFinetuneConfig, WeGeFTConfig, apply_a
                         count_parameters, trainable_parameter_names)
 from ..adapters.model import ParameterCount
 from .backbone import create_backbone, fingerprint
-from .optim import WarmupCosine, build_adamw
+from .optim import build_adamw, warmup_cosine
 
 PAPER_BACKBONE = "vit_base_patch16_224.augreg_in21k"
 CHECKPOINT_KEY = "wegeft_vision"
@@ -59,6 +60,14 @@ def adapter_from_hparam(value: Any) -> AdapterConfig:
                     f"form, got {value!r}")
 
 
+def eval_data_config(datamodule: Any) -> Optional[dict[str, Any]]:
+    """What timm's eval transform needs to reproduce the datamodule's evaluation tensors: its
+    ``eval_data_config()``, else its ``data_config`` in timm's form; None without a datamodule."""
+    if callable(getattr(datamodule, "eval_data_config", None)):
+        return datamodule.eval_data_config()
+    return timm_data_config(getattr(datamodule, "data_config", None))
+
+
 def timm_data_config(config: Any) -> Optional[dict[str, Any]]:
     """A datamodule's ``DataConfig`` (input_size (H, W), mean, std, interpolation) in timm's
     form, with input_size (C, H, W); None passes through."""
@@ -78,8 +87,9 @@ class ViTClassifier(L.LightningModule):
         adapter: which method trains: ``WeGeFTConfig`` (default: the paper's, attn.proj, r=16,
             shared), ``LoRAConfig``, ``LinearProbeConfig`` or ``FullFinetuneConfig``.
         pretrained: start from timm's pretrained weights (False: random, for tests).
-        checkpoint_path: local backbone weights (.npz, .safetensors, .pth) for machines without
-            internet; used instead of downloading and implies ``pretrained``.
+        weights_path: local backbone weights (.npz, .safetensors, .pth) for machines without
+            internet; used instead of downloading and implies ``pretrained``. Stored as an
+            absolute path, so that the run's checkpoints work from any folder.
         backbone_kwargs: further ``timm.create_model`` arguments (``img_size``, ``depth``, ...).
         drop_path_rate: stochastic depth of the backbone.
         label_smoothing: cross-entropy label smoothing.
@@ -89,16 +99,28 @@ class ViTClassifier(L.LightningModule):
         warmup_lr: learning rate at the first step.
         min_lr: learning rate the cosine decay ends at, on the last step.
         init_seed: seed of the random initialisation when no weights are loaded.
+        checkpoint_path: deprecated name of ``weights_path`` (it shadowed the first argument of
+            ``load_from_checkpoint``); old checkpoints that store it still load.
     """
 
     def __init__(self, backbone: str, num_classes: int,
                  adapter: AdapterConfig = WeGeFTConfig(),
-                 pretrained: bool = True, checkpoint_path: Optional[str] = None,
+                 pretrained: bool = True, weights_path: Optional[str] = None,
                  backbone_kwargs: Optional[dict[str, Any]] = None, drop_path_rate: float = 0.1,
                  label_smoothing: float = 0.0, lr: float = 1e-3, weight_decay: float = 1e-4,
                  warmup_epochs: float = 10.0, warmup_lr: float = 1e-7, min_lr: float = 1e-6,
-                 init_seed: int = 0) -> None:
+                 init_seed: int = 0, checkpoint_path: Optional[str] = None) -> None:
         super().__init__()
+        if checkpoint_path is not None:
+            warnings.warn("ViTClassifier(checkpoint_path=...) is deprecated: the backbone weights "
+                          "file is now weights_path (--model.weights_path)", FutureWarning,
+                          stacklevel=2)
+            if weights_path is not None and weights_path != checkpoint_path:
+                raise ValueError(f"give the backbone weights once: weights_path={weights_path!r} "
+                                 f"and the deprecated checkpoint_path={checkpoint_path!r} differ")
+            weights_path = checkpoint_path
+        if weights_path is not None:
+            weights_path = str(Path(weights_path).expanduser().resolve())
         self.adapter_config = adapter_from_hparam(adapter)
         # save_hyperparameters reads the local variables: store the plain class_path form.
         adapter = adapter_to_hparam(self.adapter_config)
@@ -109,11 +131,17 @@ class ViTClassifier(L.LightningModule):
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
+        if warmup_epochs > 0 and not 0 < warmup_lr <= lr:
+            raise ValueError(f"warmup_lr must be in (0, lr={lr}] for a warm-up, got {warmup_lr}")
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["checkpoint_path"])
+        # Under LightningCLI, hparams are the parsed config rather than these locals: store the
+        # resolved path and drop the deprecated name there too.
+        self.hparams.pop("checkpoint_path", None)
+        self.hparams["weights_path"] = weights_path
         self.model = create_backbone(backbone, num_classes, pretrained=pretrained,
-                                     checkpoint_path=checkpoint_path,
+                                     weights_path=weights_path,
                                      drop_path_rate=drop_path_rate, init_seed=init_seed,
                                      backbone_kwargs=backbone_kwargs)
         apply_adapter(self.model, self.adapter_config)
@@ -122,7 +150,9 @@ class ViTClassifier(L.LightningModule):
         self.val_metrics = self._eval_metrics("val")
         self.test_metrics = self._eval_metrics("test")
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
-        self._frozen_fingerprint: Optional[str] = None
+        # Taken now, from the weights as loaded: Lightning may later cast them to the run's
+        # precision (bf16-true, 16-true, 64-true), and a checkpoint must load in any precision.
+        self._frozen_fingerprint = self._fingerprint_frozen()
         self.checkpoint_info: Optional[dict[str, Any]] = None  # what on_load_checkpoint read
 
     def _eval_metrics(self, stage: str) -> MetricCollection:
@@ -191,9 +221,8 @@ class ViTClassifier(L.LightningModule):
         total_steps = int(total_steps)
         steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
         warmup_steps = min(total_steps, round(hp.warmup_epochs * steps_per_epoch))
-        schedule = WarmupCosine(lr=hp.lr, warmup_lr=hp.warmup_lr, min_lr=hp.min_lr,
-                                warmup_steps=warmup_steps, total_steps=total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        scheduler = warmup_cosine(optimizer, warmup_lr=hp.warmup_lr, min_lr=hp.min_lr,
+                                  warmup_steps=warmup_steps, total_steps=total_steps)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -202,8 +231,9 @@ class ViTClassifier(L.LightningModule):
     def from_checkpoint(cls, path: Union[str, Path], **overrides: Any) -> "ViTClassifier":
         """Rebuild a model from a checkpoint of this class, on the CPU, in eval mode.
 
-        ``overrides`` replace stored hyper-parameters, e.g. ``checkpoint_path`` when the backbone
-        weights moved (Lightning's ``load_from_checkpoint`` cannot take that name).
+        ``overrides`` replace stored hyper-parameters, e.g. ``weights_path`` when the backbone
+        weights moved. Lightning's ``ViTClassifier.load_from_checkpoint(path, **overrides)`` works
+        too; this one also rebuilds full fine-tuning checkpoints without the backbone weights.
         """
         path = Path(path)
         if not path.is_file():
@@ -214,22 +244,24 @@ class ViTClassifier(L.LightningModule):
         # Keys starting with "_" are LightningCLI's bookkeeping (_instantiator, _class_path).
         hparams = {k: v for k, v in checkpoint["hyper_parameters"].items()
                    if not k.startswith("_")}
+        if "checkpoint_path" in hparams:  # written before the rename to weights_path
+            hparams["weights_path"] = hparams.pop("checkpoint_path")
         if isinstance(adapter_from_hparam(hparams["adapter"]), FullFinetuneConfig):
             # Every tensor is in the checkpoint: no need to fetch the pretrained weights.
-            hparams.update(pretrained=False, checkpoint_path=None)
+            hparams.update(pretrained=False, weights_path=None)
         model = cls(**{**hparams, **overrides})
         model.on_load_checkpoint(checkpoint, where=f"checkpoint {path}")
         model.load_state_dict(checkpoint["state_dict"])
         return model.eval()
 
     def frozen_fingerprint(self) -> str:
-        """Fingerprint of every tensor that does not train (cached: they never change)."""
-        if self._frozen_fingerprint is None:
-            trainable = set(self.trainable_names())
-            frozen = {k: v for k, v in self.state_dict().items()
-                      if k.startswith(MODEL_PREFIX) and k not in trainable}
-            self._frozen_fingerprint = fingerprint(frozen)
+        """Fingerprint of every tensor that does not train, as created (before any cast)."""
         return self._frozen_fingerprint
+
+    def _fingerprint_frozen(self) -> str:
+        trainable = set(self.trainable_names())
+        return fingerprint({k: v for k, v in self.state_dict().items()
+                            if k.startswith(MODEL_PREFIX) and k not in trainable})
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = set(self.trainable_names())
@@ -242,7 +274,7 @@ class ViTClassifier(L.LightningModule):
             "identity": {key: self.hparams[key] for key in IDENTITY_HPARAMS},
             "frozen_fingerprint": self.frozen_fingerprint(),
             "class_names": getattr(datamodule, "class_names", None),
-            "data_config": timm_data_config(getattr(datamodule, "data_config", None)),
+            "data_config": eval_data_config(datamodule),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any], where: Optional[str] = None) -> None:
@@ -255,11 +287,12 @@ class ViTClassifier(L.LightningModule):
         self.check_compatible(info["identity"], where)
         if info["frozen_fingerprint"] != self.frozen_fingerprint():
             hp = self.hparams
-            source = hp.checkpoint_path or ("timm's pretrained weights" if hp.pretrained else
+            source = hp.weights_path or ("timm's pretrained weights" if hp.pretrained else
                                             f"a random init with init_seed={hp.init_seed}")
             raise ValueError(f"{where} was trained on other frozen weights than this model's "
                              f"{hp.backbone} from {source}; load it with the backbone weights "
                              "it was trained on")
+        self.check_class_names(info.get("class_names"), where)
         self.checkpoint_info = info
         # The frozen tensors come from the re-created backbone; strict loading still checks
         # that the checkpoint holds every trainable tensor.
@@ -279,6 +312,25 @@ class ViTClassifier(L.LightningModule):
             if theirs != ours:
                 raise ValueError(f"{where} was trained with {key}={theirs!r}, but this model has "
                                  f"{key}={ours!r}")
+
+    def check_class_names(self, saved: Optional[list[str]], where: str) -> None:
+        """Raise ValueError if the trainer's datamodule names its classes otherwise than the
+        checkpoint: the head's outputs follow the order the model was trained on, so renamed or
+        reordered classes would be scored and named wrongly without an error."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        current = getattr(datamodule, "class_names", None)
+        if saved is None or current is None or list(saved) == list(current):
+            return
+        changed = [f"{i}: {a!r} -> {b!r}" for i, (a, b) in enumerate(zip(saved, current))
+                   if a != b]
+        changed += [f"{i}: {a!r} -> none" for i, a in enumerate(saved[len(current):],
+                                                                 len(current))]
+        changed += [f"{i}: none -> {b!r}" for i, b in enumerate(current[len(saved):], len(saved))]
+        more = f" (+{len(changed) - 8} more)" if len(changed) > 8 else ""
+        raise ValueError(f"{where} was trained on other classes than {type(datamodule).__name__} "
+                         f"at {getattr(datamodule, 'root', '?')} names (index: checkpoint -> "
+                         f"data): {'; '.join(changed[:8])}{more}. Evaluate on data with the "
+                         "classes (folder names) the model was trained on")
 
     def describe(self) -> str:
         return f"{self.hparams.backbone} + {self.adapter_config}: {self.parameter_count()}"

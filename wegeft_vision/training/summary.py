@@ -2,18 +2,29 @@
 from __future__ import annotations
 
 import time
+from typing import Any
+
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 
 class RunSummary(Callback):
     """Collects validation accuracy per epoch and the wall time; ``report()`` formats them with
-    the test metrics, parameter counts, checkpoint and log paths."""
+    the test metrics, parameter counts, checkpoint and log paths.
+
+    The accuracies travel in checkpoints, so the summary of a resumed fit covers every epoch.
+    """
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
-        self.val_acc: list[float] = []
+        self.val_acc: list[tuple[int, float]] = []  # (epoch from 0, accuracy)
         self.fitted = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"val_acc": [list(pair) for pair in self.val_acc]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.val_acc = [(int(epoch), float(acc)) for epoch, acc in state_dict["val_acc"]]
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.fitted = True
@@ -21,7 +32,7 @@ class RunSummary(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         acc = trainer.callback_metrics.get("val/acc")
         if acc is not None and not trainer.sanity_checking and trainer.state.fn == "fit":
-            self.val_acc.append(float(acc))
+            self.val_acc.append((trainer.current_epoch, float(acc)))
 
     def report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> str:
         lines = ["", "=== wegeft-vision summary ==="]
@@ -29,9 +40,11 @@ class RunSummary(Callback):
         if callable(describe):
             lines.append(f"model:        {describe()}")
         if self.val_acc:
-            best = max(range(len(self.val_acc)), key=self.val_acc.__getitem__)
-            lines.append(f"val acc:      best {self.val_acc[best]:.4f} (validation {best + 1} of "
-                         f"{len(self.val_acc)}), last {self.val_acc[-1]:.4f}")
+            of = f" of {trainer.max_epochs}" if (trainer.max_epochs or -1) > 0 else ""
+            (best_epoch, best), (last_epoch, last) = max(
+                self.val_acc, key=lambda pair: pair[1]), self.val_acc[-1]
+            lines.append(f"val acc:      best {best:.4f} (epoch {best_epoch + 1}{of}), last "
+                         f"{last:.4f} (epoch {last_epoch + 1}{of})")
         metrics = trainer.callback_metrics
         for stage in ("val", "test"):
             if stage == "val" and self.val_acc:
