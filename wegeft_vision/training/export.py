@@ -13,7 +13,6 @@ FGVC: resize the short side, centre crop). Once pushed, ``"hf-hub:user/name"`` l
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import json
 import shutil
 import warnings
@@ -123,7 +122,8 @@ def export_checkpoint(ckpt_path: Union[str, Path], output_dir: Union[str, Path],
         raise FileExistsError(f"{', '.join(existing)} already exist; pass overwrite=True "
                               "(--overwrite true) to replace them")
 
-    module = ViTClassifier.from_checkpoint(ckpt_path, **_weights_override(weights_path))
+    overrides = {} if weights_path is None else {"weights_path": weights_path}
+    module = ViTClassifier.from_checkpoint(ckpt_path, **overrides)
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     info = module.checkpoint_info or {}
     where = f"checkpoint {ckpt_path}"
@@ -153,14 +153,6 @@ def export_checkpoint(ckpt_path: Union[str, Path], output_dir: Union[str, Path],
     if push_to_hub:
         push_export(output_dir, push_to_hub, private=private, revision=revision)
     return output_dir / WEIGHTS_NAME
-
-
-def _weights_override(weights_path: Optional[str]) -> dict[str, str]:
-    if weights_path is None:
-        return {}
-    # The model's hyper-parameter is being renamed from checkpoint_path to weights_path.
-    params = inspect.signature(ViTClassifier.__init__).parameters
-    return {"weights_path" if "weights_path" in params else "checkpoint_path": weights_path}
 
 
 def _check_config(path: Path, expected: dict[str, Any]) -> None:
