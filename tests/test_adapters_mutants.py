@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wegeft_vision import LoRAConfig, WeGeFTConfig, apply_adapter
+from wegeft_vision import (LoRAConfig, WeGeFTConfig, apply_adapter, load_adapter, remove_adapter,
+                           save_adapter)
 from wegeft_vision.adapters import get_adapter
 from wegeft_vision.adapters.functional import plain_form
 
@@ -85,3 +86,32 @@ def test_adapted_layer_repr_names_its_edits():
     assert model.blocks[0].attn.qkv.extra_repr() == "edits=(q, v)"
     assert model.blocks[0].attn.proj.extra_repr() == "edits=(all)"
     assert "edits=(q, v)" in repr(model)
+
+
+def _vit(depth: int, width: int) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_base_patch16_224", pretrained=False,
+                             **{**TINY, "depth": depth, "embed_dim": width})
+
+
+@pytest.mark.parametrize("saved, here, difference", [
+    ((4, 32), (4, 48), "4 layers, this model 4: the backbones differ (other shapes: "
+     + ", ".join(f"blocks.{i}.attn.proj (32x32 in the file, 48x48 here)" for i in range(4))),
+    ((3, 32), (2, 32), "3 layers, this model 2: the backbones differ (adapted in the file only: "
+     "blocks.2.attn.proj"),
+])
+def test_adapter_file_from_another_backbone_names_the_layers(tmp_path, saved, here, difference):
+    """Per-layer generators (shared=False) so the tensors alone would not catch the difference:
+    the error lists every differing layer, up to four of them without a "(+N more)"."""
+    config = WeGeFTConfig(rank=2, targets="attn.proj", shared=False)
+    path = save_adapter(apply_adapter(_vit(*saved), config), tmp_path / "a.safetensors")
+    with pytest.raises(ValueError) as info:
+        load_adapter(_vit(*here), path)
+    assert str(info.value) == (f"{path} adapts {difference}); pass check_backbone=False to load "
+                               "it anyway (deliberate transfer)")
+
+
+def test_remove_adapter_without_one_says_so():
+    with pytest.raises(ValueError, match=r"^cannot remove the adapter: VisionTransformer has no "
+                       r"adapter \(call apply_adapter first\)$"):
+        remove_adapter(_vit(1, 32))
