@@ -4,14 +4,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import timm
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from safetensors.torch import save_file
 
 from _data_helpers import write_list
+from wegeft_vision import WeGeFTConfig
+from wegeft_vision.data import VTAB1kDataModule
+from wegeft_vision.training import ViTClassifier
 
 TASK = "toy"
 NUM_CLASSES = 6  # > 5, so top-5 accuracy is logged too
@@ -56,6 +61,27 @@ def make_backbone_file(path: Path, seed: int = 0, **overrides: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
+
+
+def tiny_model(weights: Path, **kwargs) -> ViTClassifier:
+    args = dict(backbone=BACKBONE, num_classes=NUM_CLASSES, weights_path=str(weights),
+                backbone_kwargs=BACKBONE_KWARGS, adapter=WeGeFTConfig(rank=4, targets="all"),
+                drop_path_rate=0.0, lr=0.01, weight_decay=0.01, warmup_epochs=1.0, min_lr=1e-3)
+    return ViTClassifier(**{**args, **kwargs})
+
+
+def toy_data(files: dict[str, Path], batch_size: int = 12,
+             task: str = TASK) -> VTAB1kDataModule:
+    return VTAB1kDataModule(str(files["data"]), task, split="train800", num_classes=NUM_CLASSES,
+                            batch_size=batch_size, num_workers=0, image_size=32,
+                            mean=(0.5,) * 3, std=(0.5,) * 3)
+
+
+def trainer(tmp_path: Path, max_epochs: int, callbacks: tuple = (), **kwargs) -> L.Trainer:
+    return L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False,
+                     enable_progress_bar=False, enable_model_summary=False,
+                     callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="last"), *callbacks],
+                     num_sanity_val_steps=0, **kwargs)
 
 
 def write_config(path: Path, data_root: Path, weights: Path, log_dir: Path,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,7 +17,7 @@ import torch
 import yaml
 
 from _training_helpers import make_backbone_file, make_toy_task, write_config
-from wegeft_vision.cli import cli_main
+from wegeft_vision.cli import cli_main, main
 from wegeft_vision.data import FGVC_DATASETS, VTAB_TASKS
 from wegeft_vision.training import ViTClassifier
 
@@ -253,3 +255,152 @@ def test_trainer_limits_keep_int_batches_apart_from_float_fractions(text: str,
                     "--trainer.logger", "false"], run=False)
     assert cli.trainer.limit_val_batches == expected
     assert type(cli.trainer.limit_val_batches) is type(expected)
+
+
+# --ckpt_path with the user's --model.* values, from any folder.
+def config_without_weights(run: dict, path: Path) -> Path:
+    config = yaml.safe_load(run["config"].read_text())
+    del config["model"]["weights_path"]
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_run_is_reused_from_another_folder_and_a_typed_weights_path_wins(
+        run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = config_without_weights(run, tmp_path / "no_weights.yaml")
+    (tmp_path / "train").mkdir()
+    shutil.copy(run["root"] / "backbone.safetensors", tmp_path / "train" / "weights.safetensors")
+    monkeypatch.chdir(tmp_path / "train")
+    fit = cli_main(["fit", "--config", str(config), "--model.weights_path", "weights.safetensors",
+                    "--trainer.max_epochs", "1", "--trainer.logger.init_args.save_dir", "logs"])
+    ckpt = Path(fit.trainer.checkpoint_callback.best_model_path).resolve()
+    stored = torch.load(ckpt, weights_only=True)["hyper_parameters"]["weights_path"]
+    assert stored == str(tmp_path / "train" / "weights.safetensors")
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    args = ["test", "--config", str(config), "--ckpt_path", str(ckpt),
+            "--trainer.logger", "false"]
+    tested = cli_main(args)  # the stored absolute path, from another folder
+    accuracy = float(tested.trainer.callback_metrics["test/acc"])
+    moved = tmp_path / "moved" / "backbone.safetensors"
+    moved.parent.mkdir()
+    (tmp_path / "train" / "weights.safetensors").rename(moved)
+    with pytest.raises(FileNotFoundError, match=r"weights_path .*train/weights.safetensors does "
+                                                r"not exist"):
+        cli_main(args)
+    tested = cli_main([*args, "--model.weights_path", "../moved/backbone.safetensors"])
+    assert tested.model.hparams.weights_path == str(moved)
+    assert float(tested.trainer.callback_metrics["test/acc"]) == pytest.approx(accuracy)
+
+
+OTHER_SETTINGS = (r"checkpoint .*last.ckpt was trained with other settings than given "
+                  r"\(command line or config\): ")
+
+
+@pytest.mark.parametrize("subcommand, override, refused", [
+    ("test", ["--model.adapter.init_args.rank", "8"],
+     r"checkpoint .*last.ckpt was trained with adapter=WeGeFTConfig\(rank=4.*but this model has "
+     r"adapter=WeGeFTConfig\(rank=8"),
+    ("validate", ["--model.backbone_kwargs", '{"depth": 3}'],
+     OTHER_SETTINGS + r"--model.backbone_kwargs=\{'depth': 3\} \(checkpoint: .*'depth': 2"),
+    ("fit", ["--model.lr", "0.5"], OTHER_SETTINGS + r"--model.lr=0.5 \(checkpoint: 0.01\).*a "
+                                   r"resumed fit continues the checkpoint's model, optimizer and "
+                                   r"schedule"),
+    ("test", ["--model.lr", "0.5"], None),  # changes nothing in an evaluation: honoured
+])
+def test_ckpt_path_refuses_overrides_it_cannot_honour(run: dict, subcommand: str,
+                                                     override: list, refused) -> None:
+    args = [subcommand, "--config", str(run["config"]), "--ckpt_path", str(run["ckpt"]),
+            "--trainer.logger", "false", *override]
+    if refused is None:
+        cli = cli_main(args)
+        assert cli.model.hparams.lr == 0.5
+        assert float(cli.trainer.callback_metrics["test/acc"]) == pytest.approx(
+            run["metrics"]["test/acc"])
+        return
+    with pytest.raises(ValueError, match=refused):
+        cli_main(args)
+
+
+# User errors: one line naming the culprit, a traceback only on request.
+@pytest.mark.parametrize("args, message", [
+    (["--data.init_args.root", "{tmp}/no_such_root"],
+     r"FileNotFoundError: root folder .*no_such_root does not exist"),
+    (["--data.init_args.task", "toyy"], r"Error: .*'toyy'"),
+    (["--data.init_args.batch_size", "0"], r"ValueError: batch_size must be a positive int, got 0"),
+    (["--model.adapter.init_args.rank", "-1"], r"ValueError: .*rank.*-1"),
+    (["--model.backbone", "vit_tiny_patch16_2244"],
+     r"ValueError: unknown timm backbone 'vit_tiny_patch16_2244'"),
+    (["--ckpt_path", "{tmp}/no.ckpt"], r"FileNotFoundError: --ckpt_path .*no.ckpt does not exist"),
+    (["--ckpt_path", "{config}"], r"ValueError: --ckpt_path .*fit.yaml is not a checkpoint torch "
+                                  r"can read"),
+])
+def test_user_errors_print_one_line(run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    capsys: pytest.CaptureFixture, args: list, message: str
+                                    ) -> None:
+    args = [a.format(tmp=tmp_path, config=run["config"]) for a in args]
+    monkeypatch.setattr(sys, "argv", ["wegeft-vision", "fit", "--config", str(run["config"]),
+                                      "--trainer.logger.init_args.save_dir", str(tmp_path), *args])
+    monkeypatch.delenv("WEGEFT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    [line] = [x for x in err.splitlines() if x.startswith("wegeft-vision: error:")]
+    assert re.search(message, line), line
+    assert "Traceback" not in err and "Does not validate" not in err and len(err) < 1500, err
+    assert not list(tmp_path.glob("**/*.ckpt"))
+
+
+def test_debug_variable_shows_the_traceback(run: dict, tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "wegeft_vision.cli", "fit", "--config", str(run["config"]),
+               "--data.init_args.batch_size", "0"]
+    quiet = subprocess.run(command, env=ENV, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=240)
+    assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
+    assert "wegeft-vision: error: ValueError: batch_size must be a positive int, got 0\n" \
+           "(set WEGEFT_DEBUG=1 for the traceback)" in quiet.stderr
+    debug = subprocess.run(command, env={**ENV, "WEGEFT_DEBUG": "1"}, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=240)
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert "ValueError: batch_size must be a positive int, got 0" in debug.stderr
+
+
+def test_offline_pretrained_fails_fast_and_names_weights_path(tmp_path: Path) -> None:
+    script = textwrap.dedent("""
+        import os, time
+        from wegeft_vision.training import create_backbone
+        for endpoint, offline in (("https://huggingface.co", "1"), ("http://127.0.0.1:9", "")):
+            os.environ.update(HF_ENDPOINT=endpoint, HF_HUB_OFFLINE=offline)
+            start = time.perf_counter()
+            try:
+                create_backbone("vit_tiny_patch16_224.augreg_in21k", 3, pretrained=True)
+            except Exception as err:
+                print(f"{time.perf_counter() - start:.2f}", type(err).__name__, err)
+    """)
+    env = {k: v for k, v in ENV.items() if "proxy" not in k.lower()}
+    env.update(HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=240)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2, result.stdout + result.stderr[-3000:]
+    for line, reason in zip(lines, ("HF_HUB_OFFLINE is set", "127.0.0.1:9 cannot be reached")):
+        seconds, kind, text = line.split(" ", 2)
+        assert float(seconds) < 10 and kind == "ConnectionError", line
+        assert "'vit_tiny_patch16_224.augreg_in21k' are not in the local cache" in text
+        assert reason in text and "--model.weights_path" in text
+
+
+# Loggers.
+def test_tensorboard_logger_writes_events(run: dict, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    cli = cli_main(["fit", "--config", str(run["config"]), "--trainer.max_epochs", "1",
+                    "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+                    "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    [events] = Path(cli.trainer.log_dir).glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events.parent))
+    accumulator.Reload()
+    [logged] = accumulator.Scalars("val/acc")
+    assert logged.value == pytest.approx(float(cli.trainer.callback_metrics["val/acc"]))
+    assert str(tmp_path) in cli.trainer.log_dir

@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import load_file
 
-from _training_helpers import (BACKBONE, BACKBONE_KWARGS, NUM_CLASSES, TASK, make_backbone_file,
-                               make_toy_task, save_google_npz)
+from _training_helpers import (BACKBONE, BACKBONE_KWARGS, make_backbone_file, make_toy_task,
+                               save_google_npz, tiny_model, toy_data, trainer)
 from wegeft_vision import FullFinetuneConfig, LinearProbeConfig, LoRAConfig, WeGeFTConfig
 from wegeft_vision.data import VTAB1kDataModule
 from wegeft_vision.training import ViTClassifier, build_adamw, create_backbone, warmup_cosine
@@ -25,26 +25,6 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             "weights": make_backbone_file(root / "backbone.safetensors", seed=0),
             "other_weights": make_backbone_file(root / "other.safetensors", seed=1),
             "deeper_weights": make_backbone_file(root / "deeper.safetensors", depth=3)}
-
-
-def tiny_model(weights: Path, **kwargs) -> ViTClassifier:
-    args = dict(backbone=BACKBONE, num_classes=NUM_CLASSES, weights_path=str(weights),
-                backbone_kwargs=BACKBONE_KWARGS, adapter=WeGeFTConfig(rank=4, targets="all"),
-                drop_path_rate=0.0, lr=0.01, weight_decay=0.01, warmup_epochs=1.0, min_lr=1e-3)
-    return ViTClassifier(**{**args, **kwargs})
-
-
-def toy_data(files: dict[str, Path], batch_size: int = 12) -> VTAB1kDataModule:
-    return VTAB1kDataModule(str(files["data"]), TASK, split="train800", num_classes=NUM_CLASSES,
-                            batch_size=batch_size, num_workers=0, image_size=32,
-                            mean=(0.5,) * 3, std=(0.5,) * 3)
-
-
-def trainer(tmp_path: Path, max_epochs: int, **kwargs) -> L.Trainer:
-    return L.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False,
-                     enable_progress_bar=False, enable_model_summary=False,
-                     callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="last")],
-                     num_sanity_val_steps=0, **kwargs)
 
 
 # Schedule and optimiser.

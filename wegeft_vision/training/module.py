@@ -137,9 +137,10 @@ class ViTClassifier(L.LightningModule):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters(ignore=["checkpoint_path"])
         # Under LightningCLI, hparams are the parsed config rather than these locals: store the
-        # resolved path and drop the deprecated name there too.
+        # resolved path, drop the deprecated name, and keep num_classes (a link target, which
+        # Lightning 2.4 leaves out).
         self.hparams.pop("checkpoint_path", None)
-        self.hparams["weights_path"] = weights_path
+        self.hparams.update(weights_path=weights_path, num_classes=num_classes)
         self.model = create_backbone(backbone, num_classes, pretrained=pretrained,
                                      weights_path=weights_path,
                                      drop_path_rate=drop_path_rate, init_seed=init_seed,
@@ -221,6 +222,15 @@ class ViTClassifier(L.LightningModule):
         total_steps = int(total_steps)
         steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
         warmup_steps = min(total_steps, round(hp.warmup_epochs * steps_per_epoch))
+        self.schedule = {"warmup_steps": warmup_steps, "total_steps": total_steps}
+        saved = (self.checkpoint_info or {}).get("schedule")
+        if trainer.ckpt_path and saved and saved != self.schedule:
+            # The restored scheduler state would run the checkpoint's schedule past its end.
+            raise ValueError(f"checkpoint {trainer.ckpt_path} was trained with a schedule of "
+                             f"{saved['total_steps']} steps ({saved['warmup_steps']} warm-up), "
+                             f"this fit has {total_steps} ({warmup_steps} warm-up): resume with "
+                             "the trainer.max_epochs / max_steps, batch size and data the run "
+                             "started with, or start a new fit from its weights")
         scheduler = warmup_cosine(optimizer, warmup_lr=hp.warmup_lr, min_lr=hp.min_lr,
                                   warmup_steps=warmup_steps, total_steps=total_steps)
         return {"optimizer": optimizer,
@@ -275,6 +285,7 @@ class ViTClassifier(L.LightningModule):
             "frozen_fingerprint": self.frozen_fingerprint(),
             "class_names": getattr(datamodule, "class_names", None),
             "data_config": eval_data_config(datamodule),
+            "schedule": getattr(self, "schedule", None),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any], where: Optional[str] = None) -> None:
