@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -41,6 +42,30 @@ def load_json(path: Path) -> Any:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
 
 
+def demo_from_markdown(path: Path) -> dict:
+    """The first table of compare_demo.py's Markdown (mean ± std per method and shot count), in
+    the JSON's layout without per-seed accuracies: for a comparison measured before the JSON."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run scripts/compare_demo.py first")
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.startswith("|")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    shots = [int(c.split("-")[0]) for c in header[2:]]
+    methods = {}
+    for line in rows[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == "method":
+            break  # the second table (learning rates) starts
+        # A cell that is not "mean ± std" (e.g. "pending") has no number to draw.
+        pairs = [tuple(float(x) for x in cell.split("±")) if "±" in cell else (None, None)
+                 for cell in cells[2:]]
+        methods[cells[0]] = {"shots": {str(k): {"mean": m, "std": sd, "per_seed": None}
+                                       for k, (m, sd) in zip(shots, pairs)}}
+    seeds = re.search(r"seeds ([\d, ]+);", path.read_text(encoding="utf-8"))
+    return {"shots": shots, "seeds": [int(x) for x in seeds.group(1).split(",")] if seeds else [],
+            "methods": methods, "source": path.name}
+
+
 def demo_cells(numbers: dict, path: Path) -> tuple[list[str], list[int], dict]:
     """Methods, shot counts and {(method, shots): cell}, checked for the fields the plots use."""
     try:
@@ -52,6 +77,8 @@ def demo_cells(numbers: dict, path: Path) -> tuple[list[str], list[int], dict]:
         raise ValueError(f"{path}: missing {err} (expected the layout of "
                          "scripts/compare_demo.py's JSON)") from err
     for (method, k), cell in cells.items():
+        if cell["per_seed"] is None:  # read from the Markdown table: means and stds only
+            continue
         if len(cell["per_seed"]) != len(seeds):
             raise ValueError(f"{path}: {method}, {k}-shot has {len(cell['per_seed'])} per-seed "
                              f"accuracies for {len(seeds)} seeds")
@@ -68,14 +95,23 @@ def plot_demo_comparison(numbers: dict, path: Path, out: Path) -> None:
     for i, method in enumerate(methods):
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(shots))]
         means = [cells[method, k]["mean"] for k in shots]
-        ax.bar(xs, means, width * 0.9, label=method, alpha=0.75)
+        ax.bar(xs, [m if m is not None else 0.0 for m in means], width * 0.9, label=method,
+               alpha=0.75)
         for x, k in zip(xs, shots):
+            if cells[method, k]["mean"] is None:
+                ax.annotate("n/a", (x, 1), ha="center", va="bottom", fontsize=6, rotation=90)
+                continue
             seeds = cells[method, k]["per_seed"]
-            ax.plot([x] * len(seeds), seeds, "o", ms=2.5, color="black", alpha=0.7)
+            if seeds is None:
+                ax.errorbar(x, cells[method, k]["mean"], yerr=cells[method, k]["std"],
+                            color="black", capsize=2, lw=0.8)
+            else:
+                ax.plot([x] * len(seeds), seeds, "o", ms=2.5, color="black", alpha=0.7)
     ax.set_xticks(range(len(shots)), [f"{k}-shot" for k in shots])
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"Offline demo: digits 5-9, mean over seeds {numbers['seeds']} (dots: seeds)")
+    spread = "dots: seeds" if "source" not in numbers else "bars: ± std"
+    ax.set_title(f"Offline demo: digits 5-9, mean over seeds {numbers['seeds']} ({spread})")
     ax.legend(fontsize=7, ncol=3, loc="upper left")
     fig.tight_layout()
     fig.savefig(out)
@@ -86,9 +122,10 @@ def plot_demo_shots(numbers: dict, path: Path, out: Path) -> None:
     methods, shots, cells = demo_cells(numbers, path)
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for method in methods:
-        means = [cells[method, k]["mean"] for k in shots]
-        stds = [cells[method, k]["std"] for k in shots]
-        ax.errorbar(shots, means, yerr=stds, marker="o", ms=3.5, capsize=3, label=method)
+        measured = [k for k in shots if cells[method, k]["mean"] is not None]
+        means = [cells[method, k]["mean"] for k in measured]
+        stds = [cells[method, k]["std"] for k in measured]
+        ax.errorbar(measured, means, yerr=stds, marker="o", ms=3.5, capsize=3, label=method)
     ax.set_xscale("log", base=2)
     ax.set_xticks(shots, [str(k) for k in shots])
     ax.set_xlabel("training images per class (few-shot list)")
@@ -175,12 +212,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     plt.rcParams.update(STYLE)
     demo_path, bench_path = args.docs / "demo_comparison.json", args.docs / "benchmark.json"
-    demo = load_json(demo_path)
+    if demo_path.is_file():
+        demo = load_json(demo_path)
+    else:
+        demo_path = args.docs / "demo_comparison.md"
+        print(f"no {demo_path.with_suffix('.json')}: reading means and stds from {demo_path}")
+        demo = demo_from_markdown(demo_path)
     plot_demo_comparison(demo, demo_path, out / "demo_comparison.png")
     plot_demo_shots(demo, demo_path, out / "demo_shots.png")
+    print(f"wrote {out / 'demo_comparison.png'} and {out / 'demo_shots.png'} from {demo_path}")
     plot_benchmark(load_json(bench_path), bench_path, out / "benchmark.png")
-    for name in ("demo_comparison.png", "demo_shots.png", "benchmark.png"):
-        print(f"wrote {out / name}")
+    print(f"wrote {out / 'benchmark.png'} from {bench_path}")
 
 
 if __name__ == "__main__":

@@ -374,14 +374,72 @@ def test_readme_parameter_counts_are_counted():
                                                  f"{count.percent:.3f} %"], label
 
 
+def _first_table(text: str) -> list[str]:
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            rows.append(line.strip())
+        elif rows:
+            break
+    return rows
+
+
 def test_readme_demo_numbers_are_the_measured_ones():
-    numbers = json.loads((REPO / "docs" / "demo_comparison.json").read_text(encoding="utf-8"))
+    """The README's demo table is the one scripts/compare_demo.py wrote, row for row, and agrees
+    with the JSON it writes beside it where that exists."""
+    measured = _first_table((REPO / "docs" / "demo_comparison.md").read_text(encoding="utf-8"))
+    assert len(measured) >= 4, "docs/demo_comparison.md lost its table"
+    readme_lines = [line.strip() for line in README.splitlines()]
+    stale = [row for row in measured if row not in readme_lines]
+    assert not stale, f"README.md's demo table differs from docs/demo_comparison.md: {stale}"
+    path = REPO / "docs" / "demo_comparison.json"
+    if not path.is_file():
+        return
+    numbers = json.loads(path.read_text(encoding="utf-8"))
     shots = [str(k) for k in numbers["shots"]]
-    header = _table_row(README, "method")
-    assert header[2:] == [f"{k}-shot" for k in shots], "README's demo table has other columns"
     for name, method in numbers["methods"].items():
         row = _table_row(README, name)
         cells = [method["shots"][k] for k in shots]
         assert row[1] == f"{method['trainable_params']:,} + head {method['head_params']:,}", name
         assert row[2:] == [f"{c['mean']:.1f} ± {c['std']:.1f}" for c in cells], (
             f"README's demo row {name!r} differs from docs/demo_comparison.json")
+
+
+def _benchmark_run(model: str, targets: list[str]) -> dict:
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from make_figures import benchmark_runs
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    path = REPO / "docs" / "benchmark.json"
+    runs = [run for run in benchmark_runs(json.loads(path.read_text(encoding="utf-8")), path)
+            if run["args"]["model"] == model and list(run["args"]["targets"]) == targets]
+    assert runs, f"docs/benchmark.json has no run of {model} with targets {targets}"
+    return runs[-1]
+
+
+def test_readme_performance_numbers_are_the_measured_ones():
+    """The README's headline ratios are recomputed from docs/benchmark.json the way
+    scripts/benchmark.py computes its tables (medians of per-round CPU-time ratios); before that
+    file exists they must be the ones in docs/performance.md's tables."""
+    import statistics
+
+    assert "vit_small_patch16_224" in README and "all four projections" in README
+    step = _table_row(README, "training step (CPU time)")[1:]
+    saved = _table_row(README, "activations saved for backward")[1:]
+    if not (REPO / "docs" / "benchmark.json").is_file():
+        page = (REPO / "docs" / "performance.md").read_text(encoding="utf-8")
+        row = _table_row(page, "wegeft")  # the first table: vit_small, all four projections
+        assert [v.rstrip("x") for v in step + saved] == [row[6], row[5], row[10], row[9]], (
+            "README's ratios are not docs/performance.md's first WeGeFT row "
+            "(x LoRA, x floor for time; x LoRA, x floor for saved activations)")
+        return
+    run = _benchmark_run("vit_small_patch16_224", ["all"])
+    times, memory = run["step_cpu_s"], run["memory_bytes"]
+
+    def ratio(name: str, ref: str) -> str:
+        return f"{statistics.median(a / b for a, b in zip(times[name], times[ref])):.3f}x"
+
+    assert step == [ratio("wegeft", "lora"), ratio("wegeft", "floor")]
+    assert saved == [f"{memory['wegeft'] / memory['lora']:.3f}x",
+                     f"{memory['wegeft'] / memory['floor']:.3f}x"]
