@@ -115,3 +115,20 @@ def test_remove_adapter_without_one_says_so():
     with pytest.raises(ValueError, match=r"^cannot remove the adapter: VisionTransformer has no "
                        r"adapter \(call apply_adapter first\)$"):
         remove_adapter(_vit(1, 32))
+
+
+@pytest.mark.parametrize("alpha", [6.0, 1.5])  # scale alpha / rank = 2 (a common LoRA choice), 0.5
+def test_lora_scales_by_alpha_over_rank(alpha):
+    model = adapted_vit(LoRAConfig(rank=3, alpha=alpha, targets="attn.proj"))
+    layer = model.blocks[0].attn.proj
+    (edit,) = layer.edits.values()
+    x = tokens()
+    expected = (F.linear(x, layer.base_layer.weight, layer.base_layer.bias)
+                + alpha / 3 * x @ edit.lora_A.weight.T @ edit.lora_B.weight.T)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_lora_config_refuses_a_non_positive_alpha():
+    with pytest.raises(ValueError, match=r"^alpha must be positive or None \(no scaling\), got 0"):
+        LoRAConfig(rank=4, alpha=0)
