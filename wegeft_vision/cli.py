@@ -262,8 +262,11 @@ def main() -> None:
 def _root_cause(err: BaseException) -> BaseException:
     """The error itself, not jsonargparse's wrappers around a class's own error (raised from
     it, with "Does not validate against any of the Union subtypes" and the whole config)."""
-    while err.__cause__ is not None and _raised_in(err, "jsonargparse"):
-        err = err.__cause__
+    while _raised_in(err, "jsonargparse"):
+        inner = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+        if inner is None:
+            break
+        err = inner
     return err
 
 
