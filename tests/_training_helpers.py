@@ -114,6 +114,20 @@ def write_config(path: Path, data_root: Path, weights: Path, log_dir: Path,
     return path
 
 
+def fit_toy_run(root: Path) -> dict[str, Any]:
+    """One fit of the toy task under ``root`` (2 epochs, tested after fit) through the CLI, for
+    module-scoped fixtures: root, config, weights, the CLI, its checkpoint and final metrics."""
+    from wegeft_vision.cli import cli_main
+
+    make_toy_task(root / "data")
+    weights = make_backbone_file(root / "backbone.safetensors")
+    config = write_config(root / "fit.yaml", root / "data", weights, root / "logs")
+    cli = cli_main(["fit", "--config", str(config), "--test_after_fit", "true"])
+    return {"root": root, "config": config, "weights": weights, "cli": cli,
+            "ckpt": Path(cli.trainer.checkpoint_callback.best_model_path),
+            "metrics": {k: float(v) for k, v in cli.trainer.callback_metrics.items()}}
+
+
 def save_google_npz(model: torch.nn.Module, path: Path) -> Path:
     """A timm ViT's weights in the layout of Google's ViT ``.npz`` files (``ViT-B_16.npz``),
     the inverse of the mapping timm's npz loader applies."""

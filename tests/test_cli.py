@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from _training_helpers import make_backbone_file, make_toy_task, write_config
+from _training_helpers import fit_toy_run, make_toy_task
 from wegeft_vision.cli import cli_main, main
 from wegeft_vision.data import FGVC_DATASETS, VTAB_TASKS
 from wegeft_vision.training import ViTClassifier
@@ -28,14 +28,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One fit (2 epochs) that tests its final weights, shared by the tests below."""
     root = tmp_path_factory.mktemp("cli")
-    make_toy_task(root / "data")
     make_toy_task(root / "data", task="toy_odd", extra_test=1)
-    weights = make_backbone_file(root / "backbone.safetensors")
-    config = write_config(root / "fit.yaml", root / "data", weights, root / "logs")
-    cli = cli_main(["fit", "--config", str(config), "--test_after_fit", "true"])
-    return {"root": root, "config": config, "cli": cli,
-            "ckpt": Path(cli.trainer.checkpoint_callback.best_model_path),
-            "metrics": {k: float(v) for k, v in cli.trainer.callback_metrics.items()}}
+    return fit_toy_run(root)
 
 
 def toy_test_split(run: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,7 +304,9 @@ OTHER_SETTINGS = (r"checkpoint .*last.ckpt was trained with other settings than 
     ("test", ["--model.lr", "0.5"], None),  # changes nothing in an evaluation: honoured
 ])
 def test_ckpt_path_refuses_overrides_it_cannot_honour(run: dict, subcommand: str,
-                                                     override: list, refused) -> None:
+                                                     override: list, refused, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # without a logger, LightningCLI writes config.yaml into the cwd
     args = [subcommand, "--config", str(run["config"]), "--ckpt_path", str(run["ckpt"]),
             "--trainer.logger", "false", *override]
     if refused is None:

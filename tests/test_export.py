@@ -15,8 +15,7 @@ import yaml
 from PIL import Image
 
 from _data_helpers import make_datamodule
-from _training_helpers import (BACKBONE, BACKBONE_KWARGS, make_backbone_file, make_toy_task,
-                               write_config)
+from _training_helpers import BACKBONE, BACKBONE_KWARGS, fit_toy_run
 from wegeft_vision.adapters import WeGeFTConfig
 from wegeft_vision.cli import cli_main
 from wegeft_vision.training import ViTClassifier
@@ -31,14 +30,7 @@ MEAN, STD = (0.2, 0.4, 0.6), (0.1, 0.2, 0.3)
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One fit (2 epochs, tested after fit) of the toy VTAB task, shared by the tests below."""
-    root = tmp_path_factory.mktemp("export")
-    make_toy_task(root / "data")
-    weights = make_backbone_file(root / "backbone.safetensors")
-    config = write_config(root / "fit.yaml", root / "data", weights, root / "logs")
-    cli = cli_main(["fit", "--config", str(config), "--test_after_fit", "true"])
-    return {"root": root, "weights": weights, "cli": cli,
-            "ckpt": Path(cli.trainer.checkpoint_callback.best_model_path),
-            "metrics": {k: float(v) for k, v in cli.trainer.callback_metrics.items()}}
+    return fit_toy_run(tmp_path_factory.mktemp("export"))
 
 
 def fit_checkpoint(kind: str, root: Path) -> tuple[Path, L.LightningDataModule]:
