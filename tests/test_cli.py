@@ -86,7 +86,8 @@ def test_export_predicts_like_the_lightning_model_in_plain_timm(run: dict,
         named = timm.create_model(cfg["architecture"], pretrained=True,
                                   num_classes=cfg["num_classes"], **args,
                                   pretrained_cfg_overlay=dict(file=out + "/model.safetensors",
-                                                              num_classes=cfg["num_classes"]))
+                                                              num_classes=cfg["num_classes"],
+                                                              custom_load=False))
         local = timm.create_model("local-dir:" + out, pretrained=True)
         assert not any(m.startswith("wegeft_vision") for m in sys.modules)
         images = torch.load({str(tmp_path / "images.pt")!r})
