@@ -216,10 +216,14 @@ def test_multinode_config_gives_lightning_the_slurm_world(monkeypatch):
     """configs/cluster/multinode.yaml under srun on 2 nodes x 4 tasks: Lightning takes the
     ranks from SLURM (rank 5 = node 1, local rank 1). CPU stands in for the GPUs here."""
     from lightning.pytorch.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
     from wegeft_vision.cli import cli_main
 
     monkeypatch.chdir(REPO)
+    # The DDP strategy sets the process-wide rank_zero_only.rank to this world's 5; restored at
+    # teardown, or every later in-process run would skip rank-zero work (CSV logs, checkpoints).
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     slurm = {"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4", "SLURM_NNODES": "2",
              "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_PROCID": "5",
              "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "wegeft",
