@@ -17,7 +17,9 @@ from wegeft_vision import (FullFinetuneConfig, LinearProbeConfig, LoRAConfig, We
 from wegeft_vision.adapters import (AdaptedLinear, WeGeFTGenerator, adapter_state_dict,
                                     fingerprint, get_adapter, trainable_parameter_names)
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=7)
+from tests.helpers.models import create_vit, vit_kwargs
+
+TINY = vit_kwargs("tiny", num_classes=7)
 ARCHS = {
     "vit": ("vit_base_patch16_224", {}),
     "deit": ("deit_tiny_patch16_224", {}),
@@ -28,10 +30,8 @@ ARCHS = {
 
 
 def tiny_vit(arch: str = "vit", dtype: torch.dtype = torch.float32) -> nn.Module:
-    torch.manual_seed(0)
     name, extra = ARCHS[arch]
-    model = timm.create_model(name, pretrained=False, **TINY, **extra)
-    return model.to(dtype).eval()
+    return create_vit(name, dtype=dtype, num_classes=7, **extra)
 
 
 def randomize_edits(model: nn.Module, seed: int = 1, std: float = 0.1) -> None:
@@ -44,11 +44,6 @@ def randomize_edits(model: nn.Module, seed: int = 1, std: float = 0.1) -> None:
 
 def images(n: int = 4, dtype: torch.dtype = torch.float32, seed: int = 2) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-@pytest.fixture(scope="module")
-def vit_b16() -> nn.Module:
-    return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
 
 
 # ---------------------------------------------------------------- parameter counts

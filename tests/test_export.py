@@ -14,8 +14,9 @@ import torch
 import yaml
 from PIL import Image
 
-from _data_helpers import make_datamodule
-from _training_helpers import BACKBONE, BACKBONE_KWARGS, fit_toy_run
+from tests.helpers.data import make_datamodule
+from tests.helpers.models import vit_kwargs
+from tests.helpers.training import BACKBONE, BACKBONE_KWARGS, fit_toy_run
 from wegeft_vision.adapters import WeGeFTConfig
 from wegeft_vision.cli import cli_main
 from wegeft_vision.training import ViTClassifier
@@ -23,7 +24,7 @@ from wegeft_vision.training.export import EXPORT_FILES, export_checkpoint
 from wegeft_vision.training.model_card import run_accuracy
 
 IMAGE_SIZE = 16
-TINY = {"img_size": IMAGE_SIZE, "patch_size": 8, "embed_dim": 24, "depth": 2, "num_heads": 2}
+TINY = vit_kwargs("narrow", img_size=IMAGE_SIZE)
 MEAN, STD = (0.2, 0.4, 0.6), (0.1, 0.2, 0.3)
 
 
