@@ -16,7 +16,7 @@ from tests.helpers.models import create_vit, vit_b16_on_meta
 
 
 @pytest.fixture
-def make_vit() -> Callable[..., nn.Module]:
+def vit_factory() -> Callable[..., nn.Module]:
     """The factory :func:`tests.helpers.models.create_vit` (name, size, dtype, seed, ...)."""
     return create_vit
 
