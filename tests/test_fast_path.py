@@ -339,19 +339,7 @@ def test_ddp_gradients_match_plain(tmp_path) -> None:
         dist.destroy_process_group()
 
 
-def test_identity_start_is_exact() -> None:
-    torch.manual_seed(0)
-    base = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT).double()
-    adapted = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT).double()
-    adapted.load_state_dict(base.state_dict())
-    apply_adapter(adapted, WeGeFTConfig(rank=4, targets="all", qkv_parts=("q", "v")))
-    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    assert rel_err(adapted(images), base(images)) < 1e-14
-
-
 def test_recompute_config_field() -> None:
     assert WeGeFTConfig().recompute is True
-    # A runtime choice: an adapter saved with one setting loads into a model with the other.
-    assert WeGeFTConfig(recompute=False) == WeGeFTConfig(recompute=True)
     with pytest.raises(TypeError, match="recompute must be True or False, got 'yes'"):
         WeGeFTConfig(recompute="yes")
