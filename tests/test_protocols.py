@@ -25,8 +25,8 @@ from wegeft_vision.protocols import (PAPER_GRID, RunKey, RunRecord, expand_grid,
 from wegeft_vision.protocols.report import write_summary
 from wegeft_vision.protocols.summary import fewshot_csv
 
-# The paper's groups, typed here from REFERENCE.md rather than read from the registry, so that
-# the table's means are checked against an independent computation.
+# VTAB-1k's groups (the WeGeFT paper's VTAB-1k table, arXiv 2312.00700), typed here rather than
+# read from the registry, so that the table's means are checked against an independent computation.
 GROUPS = {
     "Natural": ["cifar", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn",
                 "sun397"],

@@ -30,7 +30,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # Schedule and optimiser.
 def paper_lr(step: int, lr: float, warmup_lr: float, min_lr: float, warmup: int,
              total: int) -> float:
-    """The paper's schedule (REFERENCE.md): linear warm-up, then half a cosine to min_lr."""
+    """The paper's schedule (the authors' vision code, savadikarc/gift): linear warm-up, then
+    half a cosine to min_lr."""
     if step < warmup:
         return warmup_lr + (lr - warmup_lr) * step / warmup
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))

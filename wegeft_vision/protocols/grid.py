@@ -8,7 +8,8 @@ from .records import HParamValue
 
 Grid = dict[str, list[HParamValue]]
 
-# The paper's search grid (REFERENCE.md 2): lr x weight decay, 24 points.
+# The paper's search grid (arXiv 2312.00700; the authors' savadikarc/gift
+# scripts/visual_classification/vtab): lr x weight decay, 24 points.
 PAPER_GRID: Grid = {
     "model.lr": [1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3],
     "model.weight_decay": [0.01, 1e-3, 1e-4, 0.0],

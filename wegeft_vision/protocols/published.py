@@ -1,4 +1,4 @@
-"""Published numbers to print next to ours (REFERENCE.md 2).
+"""Published numbers to print next to ours (the WeGeFT paper's ViT-B/16 results table).
 
 Source: the WeGeFT authors' project page (arXiv 2312.00700, r = 16, ViT-B/16 ``augreg_in21k``,
 params exclude the head). Accuracies in percent; only what was published is here, so per-task
