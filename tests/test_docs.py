@@ -196,6 +196,24 @@ def test_the_parser_sees_markers_and_the_rules_reject_rewrites_and_untagged_bloc
         f"by the tests) or {sorted(DATA_TAGS)} (data or output)"]
 
 
+def test_api_page_lists_every_public_module():
+    """docs/api.md documents the package module by module: each public module (no part of its
+    dotted name starts with "_"; packages document themselves through their modules) has one
+    ``::: name`` entry, and each entry names a module that exists."""
+    import pkgutil
+
+    import wegeft_vision
+
+    modules = {m.name for m in pkgutil.walk_packages(wegeft_vision.__path__, "wegeft_vision.")
+               if not m.ispkg and not any(p.startswith("_") for p in m.name.split("."))}
+    page = (REPO / "docs" / "api.md").read_text(encoding="utf-8")
+    listed = re.findall(r"^::: (\S+)\s*$", page, flags=re.MULTILINE)
+    assert len(listed) == len(set(listed)), "docs/api.md lists a module twice"
+    assert not modules - set(listed), f"docs/api.md leaves out {sorted(modules - set(listed))}"
+    unknown = sorted(set(listed) - modules)
+    assert not unknown, f"docs/api.md lists no such module: {unknown}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Running the examples
 
