@@ -82,18 +82,14 @@ class VPTConfig(AdapterConfig):
         prompts = PromptTokens(len(blocks) if self.deep else 1, self.num_tokens, model.embed_dim,
                                patch_area, self.dropout).to(reference.device, reference.dtype)
         prompts.train(model.training)  # a model put in eval mode keeps its prompts' dropout off
-        obstacle = None
-        if not self.deep:
-            obstacle = register_token_obstacle(model)
-            obstacle = obstacle and (f"VPT-shallow cannot become a plain timm model: {obstacle}. "
-                                     f"{KEEP_ADAPTED}")
+        refusal = None if self.deep else shallow_merge_refusal(model)
         last = len(blocks) - 1
         for i, block in enumerate(blocks):
             index = i if self.deep else (0 if i == 0 else None)
             if index is None and i != last:
                 continue  # a shallow prompt passes through the middle blocks untouched
             wrapper = PromptedBlock(block, prompts, index=index, prefix=model.num_prefix_tokens,
-                                    first=i == 0, last=i == last, merge_obstacle=obstacle)
+                                    first=i == 0, last=i == last, merge_refusal=refusal)
             replace_module(model, f"blocks.{i}", wrapper)
         return {PROMPTS_KEY: prompts}
 
@@ -162,16 +158,16 @@ class PromptedBlock(AdapterLayer):
         prefix: the model's prefix tokens (class and register tokens) before the prompts.
         first: the input has no prompts yet: insert them (else replace the previous ones).
         last: drop the prompt positions from the output.
-        merge_obstacle: why the model cannot become a plain timm model (None: it can).
+        merge_refusal: why merging must refuse (None: it merges).
     """
 
     def __init__(self, base_layer: nn.Module, prompts: PromptTokens, index: Optional[int],
-                 prefix: int, first: bool, last: bool, merge_obstacle: Optional[str] = None
+                 prefix: int, first: bool, last: bool, merge_refusal: Optional[str] = None
                  ) -> None:
         super().__init__(base_layer)
         self.edits: dict[str, PromptTokens] = {PROMPTS_KEY: prompts}  # deliberately not registered
         self.index, self.prefix, self.first, self.last = index, prefix, first, last
-        self.merge_obstacle = merge_obstacle
+        self.merge_refusal = merge_refusal
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.check_not_training()
@@ -186,8 +182,8 @@ class PromptedBlock(AdapterLayer):
         return x
 
     def merge(self) -> None:
-        if self.merge_obstacle is not None:
-            raise UserError(self.merge_obstacle)
+        if self.merge_refusal is not None:
+            raise UserError(self.merge_refusal)
         self.merged = True
 
     def unmerge(self) -> None:
@@ -198,20 +194,22 @@ class PromptedBlock(AdapterLayer):
                 f"first={self.first}, last={self.last}" + (", merged" if self.merged else ""))
 
 
-def register_token_obstacle(model: nn.Module) -> Optional[str]:
-    """Why this model with shallow prompts is not exactly a timm ViT with more register tokens
-    (None: it is)."""
+def shallow_merge_refusal(model: nn.Module) -> Optional[str]:
+    """Why VPT-shallow on this model is not exactly a timm ViT with more register tokens (None:
+    it is, and merging turns it into one)."""
     name = type(model).__name__
+    why = None
     if not isinstance(model, VisionTransformer) or \
             type(model)._pos_embed is not VisionTransformer._pos_embed:
-        return (f"{name} does not place register tokens as timm's VisionTransformer does "
-                "(cls, registers, patches)")
-    if not isinstance(model.norm_pre, nn.Identity):
-        return (f"{name} normalises its input tokens (norm_pre, e.g. CLIP): register tokens pass "
-                "through it, prompts do not")
-    if model.pool_include_prefix:
-        return f"{name} pools over its prefix tokens too, so register tokens would be pooled in"
-    return None
+        why = (f"{name} does not place register tokens as timm's VisionTransformer does (class "
+               "token, registers, patches)")
+    elif not isinstance(model.norm_pre, nn.Identity):
+        why = (f"{name} normalises its input tokens (norm_pre, e.g. CLIP): register tokens pass "
+               "through it, prompts do not")
+    elif model.pool_include_prefix:
+        why = f"{name} pools over its prefix tokens too, so register tokens would be pooled in"
+    return None if why is None else (f"VPT-shallow cannot become a plain timm model: {why}. "
+                                     f"{KEEP_ADAPTED}")
 
 
 @torch.no_grad()
