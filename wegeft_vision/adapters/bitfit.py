@@ -1,4 +1,4 @@
-"""BitFit (Ben Zaken et al., ACL 2022), the paper's bias-only baseline: the model's own biases train.
+"""BitFit (Ben Zaken et al., ACL 2022), the paper's bias-only baseline: only biases train.
 
 Nothing is injected: the trained tensors are timm's own biases, named by ``extra_trainable``, so
 the adapted model is the plain timm model and merging only takes the (empty) adapter off.

@@ -146,7 +146,8 @@ class PromptTokens(nn.Module):
 
 
 class PromptedBlock(AdapterLayer):
-    """A timm block (``base_layer``) that puts prompts into its input or drops them from its output.
+    """A timm block (``base_layer``) that puts prompts into its input or drops them from its
+    output.
 
     There is nothing to fold into the block itself: merged, it computes the same (VPT-shallow's
     prompts become register tokens when the adapter is unloaded, see :meth:`VPTConfig.on_unload`).
