@@ -26,10 +26,10 @@ from wegeft_vision import (AdapterConfig, BitFitConfig, VPTConfig, apply_adapter
 from wegeft_vision.adapters import get_adapter, trainable_parameter_names
 from wegeft_vision.adapters.targets import head_parameter_names
 from wegeft_vision.adapters.vpt import PromptedBlock
+from wegeft_vision.cli import cli_main
 from wegeft_vision.errors import UserError
 from wegeft_vision.protocols.grid import BASELINE_GRIDS, parse_grid
 from wegeft_vision.training import ViTClassifier
-from wegeft_vision.cli import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5)
@@ -69,7 +69,8 @@ def trained(model: nn.Module, seed: int = 2, scale: float = 0.3) -> nn.Module:
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm()) if not a.requires_grad else rel(a.detach(), b)
+    a, b = a.detach(), b.detach()
+    return float((a - b).norm() / b.norm())
 
 
 # -- what trains, and how much of it on ViT-B/16 --------------------------------------------
@@ -253,6 +254,7 @@ SHALLOW_MERGES = {
     "dinov2_registers": ("vit_small_patch14_reg4_dinov2", {"init_values": 0.5}),  # 4 + P
     "siglip": ("vit_base_patch16_siglip_224", {}),  # no class token, attention pooling
     "patch_dropout": (VIT, {"patch_drop_rate": 0.5}),  # keeps the (now more) prefix tokens
+    "flexivit": ("flexivit_small", {}),
 }
 
 
