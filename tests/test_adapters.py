@@ -11,6 +11,7 @@ import sys
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from wegeft_vision import (FullFinetuneConfig, LinearProbeConfig, LoRAConfig, WeGeFTConfig,
@@ -19,8 +20,11 @@ from wegeft_vision import (FullFinetuneConfig, LinearProbeConfig, LoRAConfig, We
 from wegeft_vision.adapters import (AdaptedLinear, WeGeFTGenerator, adapter_state_dict,
                                     fingerprint, get_adapter, read_adapter_file,
                                     trainable_parameter_names)
+from wegeft_vision.adapters.functional import plain_form
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=7)
+from tests.helpers.models import create_vit, vit_kwargs
+
+TINY = vit_kwargs("tiny", num_classes=7)
 ARCHS = {
     "vit": ("vit_base_patch16_224", {}),
     "deit": ("deit_tiny_patch16_224", {}),
@@ -31,10 +35,8 @@ ARCHS = {
 
 
 def tiny_vit(arch: str = "vit", dtype: torch.dtype = torch.float32) -> nn.Module:
-    torch.manual_seed(0)
     name, extra = ARCHS[arch]
-    model = timm.create_model(name, pretrained=False, **TINY, **extra)
-    return model.to(dtype).eval()
+    return create_vit(name, dtype=dtype, num_classes=7, **extra)
 
 
 def randomize_edits(model: nn.Module, seed: int = 1, std: float = 0.1) -> None:
@@ -47,11 +49,6 @@ def randomize_edits(model: nn.Module, seed: int = 1, std: float = 0.1) -> None:
 
 def images(n: int = 4, dtype: torch.dtype = torch.float32, seed: int = 2) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-@pytest.fixture(scope="module")
-def vit_b16() -> nn.Module:
-    return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
 
 
 # ---------------------------------------------------------------- parameter counts
@@ -115,12 +112,13 @@ ALL_CONFIGS = [
 
 @pytest.mark.parametrize("config", ALL_CONFIGS, ids=str)
 def test_identity_at_start(config):
-    model = tiny_vit()
-    x = images()
+    # float64: the zero edits add nothing but the rounding of the fast path's other order of sums.
+    model = tiny_vit(dtype=torch.float64)
+    x = images(dtype=torch.float64)
     with torch.no_grad():
         before = model(x)
         after = apply_adapter(model, config)(x)
-    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-14 * before.abs().max().item())
 
 
 @pytest.mark.parametrize("arch", ["vit", "deit", "dinov2", "clip", "siglip"])
@@ -684,6 +682,7 @@ def test_recompute_reaches_every_layer_and_is_not_part_of_identity(recompute, tm
     other = apply_adapter(tiny_vit(), WeGeFTConfig(rank=2, targets="all",
                                                    recompute=not recompute))
     load_adapter(other, path)  # a runtime choice: files load across it
+    assert WeGeFTConfig(recompute=recompute) == WeGeFTConfig(recompute=not recompute)
 
 
 # ---------------------------------------------------------------- merge both ways, the registry
@@ -873,3 +872,119 @@ def test_load_refuses_integer_bool_and_non_finite_tensors(tmp_path, bad):
     match = "holds non-finite" if bad == "inf" else "has dtype torch.(int32|bool); adapter tensors"
     with pytest.raises(ValueError, match=rf"tensor '{re.escape(name)}' {match}"):
         load_adapter(tiny_vit(), tmp_path / "bad.safetensors")
+
+
+# ---------------------------------------------------------------- biases, scales, messages
+# Behaviour the mutation run (docs/development.md) found unchecked. timm initialises every ViT bias
+# to zero, so a model built with ``pretrained=False`` cannot tell a layer that adds its bias from
+# one that drops it: the models here get non-zero biases.
+
+def adapted_vit(config, seed: int = 0) -> nn.Module:
+    """A tiny float64 ViT with random non-zero biases and adapter tensors."""
+    model = create_vit(seed=seed, num_classes=7)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.copy_(torch.randn(module.bias.shape, generator=gen,
+                                              dtype=torch.float64))
+        apply_adapter(model, config)
+        for param in get_adapter(model).parameters():
+            param.copy_(0.1 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+    return model
+
+
+def tokens(n: int = 5, d: int = 32) -> torch.Tensor:
+    return torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["fast", "plain"])
+@pytest.mark.parametrize("parts", [None, ("q", "v")])
+def test_wegeft_layer_adds_its_bias(plain, parts):
+    """y = W(x + phi(psi(x))) + b with b != 0, in the fast and the plain form (the plain form is
+    the fast path's reference, so it is checked against this independent sum)."""
+    model = adapted_vit(WeGeFTConfig(rank=3, targets="attn.qkv", qkv_parts=parts))
+    layer = model.blocks[0].attn.qkv
+    w, b = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    assert b.abs().min() > 0
+    x = tokens()
+    d = w.shape[0] // 3
+    expected = F.linear(x, w, b)
+    for index, part in enumerate(("q", "k", "v") if parts else (None,)):
+        edit = layer.edits.get(part)
+        if edit is None:
+            continue
+        rows = slice(None) if part is None else slice(index * d, (index + 1) * d)
+        h = x @ edit.psi.weight.T @ edit.phi.weight.T
+        expected[:, rows] += h @ w[rows].T
+    with torch.no_grad():
+        if plain:
+            with plain_form():
+                out = layer(x)
+        else:
+            out = layer(x)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_lora_layer_adds_its_bias():
+    model = adapted_vit(LoRAConfig(rank=3, targets="attn.proj"))
+    layer = model.blocks[0].attn.proj
+    (edit,) = layer.edits.values()
+    w, b = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    x = tokens()
+    expected = F.linear(x, w, b) + x @ edit.lora_A.weight.T @ edit.lora_B.weight.T
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_adapted_layer_repr_names_its_edits():
+    """The printed model says which parts of each layer carry an edit."""
+    model = adapted_vit(WeGeFTConfig(rank=2, targets=("attn.qkv", "attn.proj"),
+                                     qkv_parts=("q", "v")))
+    assert model.blocks[0].attn.qkv.extra_repr() == "edits=(q, v)"
+    assert model.blocks[0].attn.proj.extra_repr() == "edits=(all)"
+    assert "edits=(q, v)" in repr(model)
+
+
+def _vit(depth: int, width: int) -> nn.Module:
+    return create_vit(depth=depth, embed_dim=width, num_classes=7, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("saved, here, difference", [
+    ((4, 32), (4, 48), "4 layers, this model 4: the backbones differ (other shapes: "
+     + ", ".join(f"blocks.{i}.attn.proj (32x32 in the file, 48x48 here)" for i in range(4))),
+    ((3, 32), (2, 32), "3 layers, this model 2: the backbones differ (adapted in the file only: "
+     "blocks.2.attn.proj"),
+])
+def test_adapter_file_from_another_backbone_names_the_layers(tmp_path, saved, here, difference):
+    """Per-layer generators (shared=False) so the tensors alone would not catch the difference:
+    the error lists every differing layer, up to four of them without a "(+N more)"."""
+    config = WeGeFTConfig(rank=2, targets="attn.proj", shared=False)
+    path = save_adapter(apply_adapter(_vit(*saved), config), tmp_path / "a.safetensors")
+    with pytest.raises(ValueError) as info:
+        load_adapter(_vit(*here), path)
+    assert str(info.value) == (f"{path} adapts {difference}); pass check_backbone=False to load "
+                               "it anyway (deliberate transfer)")
+
+
+def test_remove_adapter_without_one_says_so():
+    with pytest.raises(ValueError, match=r"^cannot remove the adapter: VisionTransformer has no "
+                       r"adapter \(call apply_adapter first\)$"):
+        remove_adapter(_vit(1, 32))
+
+
+@pytest.mark.parametrize("alpha", [6.0, 1.5])  # scale alpha / rank = 2 (a common LoRA choice), 0.5
+def test_lora_scales_by_alpha_over_rank(alpha):
+    model = adapted_vit(LoRAConfig(rank=3, alpha=alpha, targets="attn.proj"))
+    layer = model.blocks[0].attn.proj
+    (edit,) = layer.edits.values()
+    x = tokens()
+    expected = (F.linear(x, layer.base_layer.weight, layer.base_layer.bias)
+                + alpha / 3 * x @ edit.lora_A.weight.T @ edit.lora_B.weight.T)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_lora_config_refuses_a_non_positive_alpha():
+    with pytest.raises(ValueError, match=r"^alpha must be positive or None \(no scaling\), got 0"):
+        LoRAConfig(rank=4, alpha=0)

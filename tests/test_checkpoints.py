@@ -11,8 +11,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from _training_helpers import (BACKBONE, BACKBONE_KWARGS, class_image, make_backbone_file,
-                               make_toy_task, tiny_model, toy_data, trainer)
+from tests.helpers.training import (BACKBONE, BACKBONE_KWARGS, class_image, make_backbone_file,
+                                    make_toy_task, tiny_model, toy_data, trainer)
 from wegeft_vision.adapters import WeGeFTConfig
 from wegeft_vision.data import ImageFolderDataModule
 from wegeft_vision.training import ViTClassifier

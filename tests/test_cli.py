@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from _training_helpers import fit_toy_run, make_toy_task
+from tests.helpers.training import fit_toy_run, make_toy_task
 from wegeft_vision.cli import cli_main, main
 from wegeft_vision.data import FGVC_DATASETS, VTAB_TASKS
 from wegeft_vision.training import ViTClassifier

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _data_helpers import make_fewshot, make_fgvc, make_vtab_task
+from tests.helpers.data import make_fewshot, make_fgvc, make_vtab_task
+from tests.helpers.models import create_vit
 from wegeft_vision.protocols import (PAPER_GRID, RunKey, RunRecord, expand_grid, fewshot_table,
                                      fgvc_table, parse_grid, ppt_score, read_record,
                                      read_results, resolve_task, vtab_table, write_record)
@@ -291,10 +292,7 @@ TINY_TRAINABLE = 256
 
 
 def tiny_backbone_params() -> int:
-    import timm
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
-                              patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in create_vit("vit_tiny_patch16_224", num_classes=0).parameters())
 
 
 @pytest.fixture(scope="module")
