@@ -9,17 +9,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import timm
 import torch
 import yaml
 from torch import nn
 
-from _data_helpers import make_datamodule
-from test_families import FAMILIES
-from test_families import TINY as FAMILY_TINY
-from test_families import create as create_family
+from tests.helpers.models import create_vit
+from tests.helpers.training import make_backbone_file, make_toy_task, write_config
+from tests.test_families import FAMILIES
+from tests.test_families import create as create_family
 from wegeft_vision import (AdapterConfig, BitFitConfig, VPTConfig, apply_adapter,
                            count_parameters, load_adapter, merge_adapter, save_adapter,
                            unmerge_adapter)
@@ -32,8 +31,9 @@ from wegeft_vision.protocols.grid import BASELINE_GRIDS, parse_grid
 from wegeft_vision.training import ViTClassifier
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=5)
 VIT = "vit_base_patch16_224"
+DEPTH = 3  # a middle block too: VPT-shallow's prompts pass through it untouched
+DIM = 32  # the tiny size's width
 P = 3  # prompt tokens in the tiny tests
 METHODS = {
     "vpt_deep": VPTConfig(num_tokens=P),
@@ -46,8 +46,7 @@ VPT = ["vpt_deep", "vpt_shallow"]
 
 
 def create(name: str = VIT, **kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **{**TINY, **kwargs}).double().eval()
+    return create_vit(name, depth=DEPTH, **kwargs)
 
 
 def images(n: int = 3) -> torch.Tensor:
@@ -90,9 +89,9 @@ def expected_biases(model: nn.Module, biases: str) -> list[str]:
     (BitFitConfig(), 12 * (2304 + 768 + 3072 + 768), "0.097"),  # the paper's: 82,944
     (BitFitConfig(biases="all"), 102_912, "0.120"),
 ])
-def test_parameter_counts_on_vit_b16(config: AdapterConfig, trainable: int, percent: str) -> None:
-    with torch.device("meta"):  # counts need no weights
-        model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=100)
+def test_parameter_counts_on_vit_b16(vit_b16: nn.Module, config: AdapterConfig, trainable: int,
+                                     percent: str) -> None:
+    model = vit_b16
     count = count_parameters(apply_adapter(model, config))
     assert (count.trainable, f"{count.percent:.3f}", count.head) == (trainable, percent, 76_900)
     if isinstance(config, BitFitConfig):
@@ -174,8 +173,8 @@ def test_vpt_prompts_change_the_output_and_all_get_gradients(method: str) -> Non
         reference, start = plain(x), model(x)
     assert rel(start, reference) > 1e-6, "prompts take part in attention: not the identity"
     tokens = get_adapter(model).edits["prompts"].tokens
-    assert tokens.shape == ((TINY["depth"] if METHODS[method].deep else 1), P, TINY["embed_dim"])
-    bound = (6 / (3 * 8 * 8 + 32)) ** 0.5  # VPT's Xavier-uniform bound, patch 8, dim 32
+    assert tokens.shape == ((DEPTH if METHODS[method].deep else 1), P, DIM)
+    bound = (6 / (3 * 8 * 8 + DIM)) ** 0.5  # VPT's Xavier-uniform bound, patch 8
     assert 0.5 * bound < tokens.abs().max() <= bound
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         "adapter.edits.prompts.tokens", "head.weight", "head.bias"}
@@ -281,8 +280,8 @@ def test_vpt_shallow_merges_into_a_vit_with_register_tokens(family: str) -> None
     assert torch.equal(fresh.reg_token[0, registers:], prompts)
     if not fresh.no_embed_class:
         at = fresh.num_prefix_tokens - P
-        assert torch.equal(fresh.pos_embed[0, at:at + P], torch.zeros(P, TINY["embed_dim"],
-                                                                     dtype=torch.float64))
+        assert torch.equal(fresh.pos_embed[0, at:at + P],
+                           torch.zeros(P, DIM, dtype=torch.float64))
     for attr in ("num_prefix_tokens", "num_reg_tokens"):
         assert getattr(model, attr) == getattr(fresh, attr)
     assert getattr(model.patch_drop, "num_prefix_tokens", None) == getattr(
@@ -374,8 +373,7 @@ def test_vpt_on_every_family_or_a_refusal_naming_it(family: str) -> None:
     ("beit_base_patch16_224", {"use_rel_pos_bias": False, "use_abs_pos_emb": True}),
 ])
 def test_vpt_on_eva_and_beit_without_their_relative_positions(name: str, extra: dict) -> None:
-    torch.manual_seed(0)
-    check_vpt_works(timm.create_model(name, pretrained=False, **FAMILY_TINY, **extra).double())
+    check_vpt_works(create_vit(name, **extra))
 
 
 def check_vpt_works(model: nn.Module) -> None:
@@ -412,37 +410,39 @@ def test_bitfit_on_every_family(family: str) -> None:
         assert torch.equal(model(x), adapted)
 
 
-# -- export ----------------------------------------------------------------------------------
+# -- the method configs through the CLI, and export ------------------------------------------
 
-def fit_checkpoint(config: AdapterConfig, root: Path) -> Path:
-    dm = make_datamodule("vtab", root / "data", image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3,
-                         batch_size=64, num_workers=0)
-    dm.setup("fit")
-    model = ViTClassifier("vit_tiny_patch16_224", dm.num_classes, adapter=config,
-                          pretrained=False, drop_path_rate=0.0,
-                          backbone_kwargs={"img_size": 16, "patch_size": 8, "embed_dim": 24,
-                                           "depth": 2, "num_heads": 2})
-    trainer = L.Trainer(max_steps=1, limit_val_batches=0, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False)
-    trainer.fit(model, dm)
-    trainer.save_checkpoint(root / "run.ckpt")
-    return root / "run.ckpt"
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("toy")
+    make_toy_task(root / "data")
+    return {"root": root, "weights": make_backbone_file(root / "backbone.safetensors")}
 
 
-def test_export_writes_vpt_shallow_as_timm_with_registers_and_refuses_deep(
-        tmp_path: Path) -> None:
-    ckpt = fit_checkpoint(VPTConfig(num_tokens=P, deep=False), tmp_path / "shallow")
-    cli_main(["export", "--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "export")])
-    exported = timm.create_model(f"local-dir:{tmp_path / 'export'}", pretrained=True).eval()
-    assert exported.num_reg_tokens == P
+@pytest.mark.parametrize("method, config", [("vpt", VPTConfig()),
+                                            ("vpt_shallow", VPTConfig(deep=False)),
+                                            ("bitfit", BitFitConfig())])
+def test_cli_fits_with_the_method_config_and_exports_or_refuses(
+        toy: dict[str, Path], tmp_path: Path, method: str, config: AdapterConfig) -> None:
+    """``fit -c <base> -c configs/methods/<method>.yaml``, then ``export``: VPT-shallow as timm's
+    ViT with 5 register tokens, BitFit as the plain ViT, VPT-deep refused with the reason."""
+    base = write_config(tmp_path / "fit.yaml", toy["root"] / "data", toy["weights"],
+                        tmp_path / "logs")
+    cli = cli_main(["fit", "--config", str(base),
+                    "--config", str(REPO / "configs" / "methods" / f"{method}.yaml"),
+                    "--trainer.max_epochs", "1"])
+    assert cli.model.adapter_config == config and cli.model.hparams.weight_decay == 0.0
+    ckpt, out = cli.trainer.checkpoint_callback.best_model_path, tmp_path / "export"
+    export = ["export", "--ckpt_path", ckpt, "--output_dir", str(out)]
+    if method == "vpt":
+        with pytest.raises(UserError, match="VPT-deep cannot be folded.*adapter file"):
+            cli_main(export)
+        assert not (out / "model.safetensors").exists()
+        return
+    cli_main(export)
+    exported = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert exported.num_reg_tokens == (5 if method == "vpt_shallow" else 0)
     module = ViTClassifier.from_checkpoint(ckpt).eval()
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(exported(x), module.model(x), rtol=1e-5, atol=1e-6)
-
-    deep = fit_checkpoint(VPTConfig(num_tokens=P), tmp_path / "deep")
-    with pytest.raises(UserError, match="VPT-deep cannot be folded"):
-        cli_main(["export", "--ckpt_path", str(deep),
-                  "--output_dir", str(tmp_path / "deep_export")])
-    assert not (tmp_path / "deep_export" / "model.safetensors").exists()
