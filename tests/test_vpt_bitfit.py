@@ -49,8 +49,8 @@ def create(name: str = VIT, **kwargs) -> nn.Module:
     return create_vit(name, depth=DEPTH, **kwargs)
 
 
-def images(n: int = 3) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, dtype=torch.float64,
+def images(n: int = 3, size: int = 32) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, dtype=torch.float64,
                        generator=torch.Generator().manual_seed(1))
 
 
@@ -254,6 +254,7 @@ SHALLOW_MERGES = {
     "siglip": ("vit_base_patch16_siglip_224", {}),  # no class token, attention pooling
     "patch_dropout": (VIT, {"patch_drop_rate": 0.5}),  # keeps the (now more) prefix tokens
     "flexivit": ("flexivit_small", {}),
+    "dynamic_size": (VIT, {"dynamic_img_size": True}),  # position embedding resampled per input
 }
 
 
@@ -263,7 +264,7 @@ def test_vpt_shallow_merges_into_a_vit_with_register_tokens(family: str) -> None
     model = trained(apply_adapter(create(name, **extra), METHODS["vpt_shallow"]))
     registers = model.num_reg_tokens
     prompts = get_adapter(model).edits["prompts"].tokens[0].detach().clone()
-    x = images()
+    x = images(size=48 if extra.get("dynamic_img_size") else 32)  # 6 x 6 patches, not 4 x 4
     with torch.no_grad():
         adapted = model(x)
         torch.manual_seed(5)  # training mode too (patch dropout draws the same patches)
@@ -343,6 +344,10 @@ def test_vpt_matches_a_written_out_forward_and_avg_pool_skips_prompts(method: st
     # the pooled features are the mean over the patch tokens alone, as without prompts
     features = model.forward_features(x)
     assert features.shape[1] == plain.num_prefix_tokens + plain.patch_embed.num_patches
+    if METHODS[method].deep:  # every block's output has the model's layout: intermediates too
+        final, blocks = model.forward_intermediates(x, output_fmt="NLC")
+        assert torch.equal(final, features)
+        assert [y.shape[1] for y in blocks] == [plain.patch_embed.num_patches] * DEPTH
 
 
 # -- families --------------------------------------------------------------------------------

@@ -3,10 +3,11 @@
 ``num_tokens`` learned prompts of width ``dim`` sit after the prefix tokens (class token, register
 tokens) and before the patch tokens. They enter after the position embedding, so they get none:
 they join the first block's input, where the WeGeFT authors' pre-hook on block 0 puts them
-(savadikarc/gift ``gift/prompt_wrapper.py``). Deep: every later block replaces the previous
-block's prompt outputs by its own prompts; shallow (``deep=False``): prompts enter once. The last
-block drops the prompt positions, so what follows the blocks (final norm, pooling, head) reads
-the sequence it read before: average pooling never averages prompts in.
+(savadikarc/gift ``gift/prompt_wrapper.py``). Deep: every block reads prompts of its own in
+place of the previous block's prompt outputs; shallow (``deep=False``): prompts enter once and
+flow through. After the last block the prompt positions are gone, so what follows the blocks
+(final norm, pooling, head) reads the sequence it read before: average pooling never averages
+prompts in.
 
 VPT-deep cannot fold into weights. VPT-shallow is exactly a timm ``VisionTransformer`` with
 ``num_tokens`` more register tokens whose position-embedding rows are zero: merging turns the
@@ -85,11 +86,14 @@ class VPTConfig(AdapterConfig):
         refusal = None if self.deep else shallow_merge_refusal(model)
         last = len(blocks) - 1
         for i, block in enumerate(blocks):
-            index = i if self.deep else (0 if i == 0 else None)
-            if index is None and i != last:
+            if self.deep:  # each block inserts its own prompts and drops their outputs
+                index, drop = i, True
+            elif i in (0, last):  # inserted before the first block, dropped after the last
+                index, drop = (0 if i == 0 else None), i == last
+            else:
                 continue  # a shallow prompt passes through the middle blocks untouched
             wrapper = PromptedBlock(block, prompts, index=index, prefix=model.num_prefix_tokens,
-                                    first=i == 0, last=i == last, merge_refusal=refusal)
+                                    drop=drop, merge_refusal=refusal)
             replace_module(model, f"blocks.{i}", wrapper)
         return {PROMPTS_KEY: prompts}
 
@@ -146,40 +150,42 @@ class PromptTokens(nn.Module):
 
 
 class PromptedBlock(AdapterLayer):
-    """A timm block (``base_layer``) that puts prompts into its input or drops them from its
-    output.
+    """A timm block (``base_layer``) that inserts prompts into its input, drops them from its
+    output, or both.
 
-    There is nothing to fold into the block itself: merged, it computes the same (VPT-shallow's
-    prompts become register tokens when the adapter is unloaded, see :meth:`VPTConfig.on_unload`).
+    Dropping a deep block's prompt outputs right away is VPT's replacement of them by the next
+    block's prompts, and gives every deep block's output the model's own token layout (so
+    ``forward_intermediates`` reads it as without prompts). There is nothing to fold into a
+    block: merged, it computes the same (VPT-shallow's prompts become register tokens when the
+    adapter is unloaded, :meth:`VPTConfig.on_unload`).
 
     Args:
         base_layer: the block, unchanged.
         prompts: the model's :class:`PromptTokens` (referred to, not registered here).
-        index: which prompts this block reads; None for a block that keeps its input's prompts.
+        index: insert ``prompts.tokens[index]`` after the ``prefix`` tokens; None: the input
+            carries prompts already (VPT-shallow after the first block).
         prefix: the model's prefix tokens (class and register tokens) before the prompts.
-        first: the input has no prompts yet: insert them (else replace the previous ones).
-        last: drop the prompt positions from the output.
+        drop: drop the prompt positions from the output.
         merge_refusal: why merging must refuse (None: it merges).
     """
 
     def __init__(self, base_layer: nn.Module, prompts: PromptTokens, index: Optional[int],
-                 prefix: int, first: bool, last: bool, merge_refusal: Optional[str] = None
-                 ) -> None:
+                 prefix: int, drop: bool, merge_refusal: Optional[str] = None) -> None:
         super().__init__(base_layer)
         self.edits: dict[str, PromptTokens] = {PROMPTS_KEY: prompts}  # deliberately not registered
-        self.index, self.prefix, self.first, self.last = index, prefix, first, last
+        self.index, self.prefix, self.drop = index, prefix, drop
         self.merge_refusal = merge_refusal
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self.check_not_training()
         prompts = self.edits[PROMPTS_KEY]
-        n, start = prompts.num_tokens, self.prefix
+        start = self.prefix
         if self.index is not None:
-            rest = x[:, start:] if self.first else x[:, start + n:]
-            x = torch.cat([x[:, :start], prompts(self.index, x.shape[0]), rest], dim=1)
+            tokens = prompts(self.index, x.shape[0])
+            x = torch.cat([x[:, :start], tokens, x[:, start:]], dim=1)
         x = self.base_layer(x, *args, **kwargs)
-        if self.last:
-            x = torch.cat([x[:, :start], x[:, start + n:]], dim=1)
+        if self.drop:
+            x = torch.cat([x[:, :start], x[:, start + prompts.num_tokens:]], dim=1)
         return x
 
     def merge(self) -> None:
@@ -191,8 +197,9 @@ class PromptedBlock(AdapterLayer):
         self.merged = False
 
     def extra_repr(self) -> str:
-        return (f"prompts={'kept' if self.index is None else self.index}, prefix={self.prefix}, "
-                f"first={self.first}, last={self.last}" + (", merged" if self.merged else ""))
+        inserted = "carried" if self.index is None else f"tokens[{self.index}]"
+        return (f"prompts={inserted}, prefix={self.prefix}, drop={self.drop}"
+                + (", merged" if self.merged else ""))
 
 
 def shallow_merge_refusal(model: nn.Module) -> Optional[str]:
