@@ -2,10 +2,10 @@
 from importlib import import_module
 from typing import Any
 
-from .adapters import (AdapterConfig, FullFinetuneConfig, LinearProbeConfig, LoRAConfig,
-                       ParameterCount, WeGeFTConfig, apply_adapter, count_parameters, load_adapter,
-                       merge_adapter, register_method, remove_adapter, save_adapter,
-                       unmerge_adapter)
+from .adapters import (AdapterConfig, BitFitConfig, FullFinetuneConfig, LinearProbeConfig,
+                       LoRAConfig, ParameterCount, VPTConfig, WeGeFTConfig, apply_adapter,
+                       count_parameters, load_adapter, merge_adapter, register_method,
+                       remove_adapter, save_adapter, unmerge_adapter)
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,7 @@ _LAZY = {
 
 __all__ = [
     "AdapterConfig", "WeGeFTConfig", "LoRAConfig", "LinearProbeConfig", "FullFinetuneConfig",
+    "VPTConfig", "BitFitConfig",
     "ParameterCount", "apply_adapter", "merge_adapter", "unmerge_adapter", "remove_adapter",
     "save_adapter", "register_method",
     "load_adapter", "count_parameters", "__version__", *_LAZY,

@@ -4,6 +4,7 @@ Each method is one module (its config, its layer, how it merges) registered by n
 this package registers the built-in ones.
 """
 from .base import METHODS, AdapterConfig, AdapterLayer, get_method, register_method
+from .bitfit import BitFitConfig
 from .full import FullFinetuneConfig
 from .layer import AdaptedLinear, Edit
 from .linear_probe import LinearProbeConfig
@@ -13,11 +14,13 @@ from .model import (ParameterCount, adapter_state_dict, apply_adapter, count_par
                     read_adapter_file, remove_adapter, save_adapter, trainable_parameter_names,
                     unmerge_adapter)
 from .targets import TARGET_PRESETS
+from .vpt import PromptedBlock, PromptTokens, VPTConfig
 from .wegeft import WeGeFTConfig, WeGeFTGenerator, WeGeFTLinear
 
 __all__ = [
     "METHODS", "AdapterConfig", "AdapterLayer", "register_method", "get_method",
     "TARGET_PRESETS", "WeGeFTConfig", "LoRAConfig", "LinearProbeConfig", "FullFinetuneConfig",
+    "VPTConfig", "PromptTokens", "PromptedBlock", "BitFitConfig",
     "AdaptedLinear", "Edit", "WeGeFTLinear", "WeGeFTGenerator", "LoRALinear", "LoRAPair",
     "ParameterCount", "apply_adapter", "merge_adapter", "unmerge_adapter", "remove_adapter",
     "save_adapter", "load_adapter", "read_adapter_file", "adapter_state_dict", "count_parameters",

@@ -15,6 +15,14 @@ PAPER_GRID: Grid = {
     "model.weight_decay": [0.01, 1e-3, 1e-4, 0.0],
 }
 
+# The authors' grids for the VPT and BitFit baselines, per benchmark (REFERENCE.md 9; gift
+# scripts/visual_classification/{vtab,fgvc}/tune_*_{vpt,bitfit}.sh): the learning rate only,
+# weight decay 0 (configs/methods/{vpt,vpt_shallow,bitfit}.yaml).
+BASELINE_GRIDS: dict[str, Grid] = {
+    "vtab": {"model.lr": [5e-4, 1e-3, 1.5e-3, 2.5e-3, 5e-3, 1e-2]},
+    "fgvc": {"model.lr": [1e-3, 1.5e-3, 2e-3, 2.5e-3, 5e-3, 1e-2]},
+}
+
 
 def parse_value(text: str) -> HParamValue:
     """A command-line value: int, float, bool, null or else the string itself."""

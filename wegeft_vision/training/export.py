@@ -138,6 +138,8 @@ def export_checkpoint(ckpt_path: Union[str, Path], output_dir: Union[str, Path],
     # travels in model.pretrained_cfg instead. model_args are given explicitly because timm
     # before 1.0.31 records none.
     model_args = dict(module.hparams.backbone_kwargs or {})
+    if getattr(model, "reg_token", None) is not None:  # merged VPT-shallow adds register tokens
+        model_args["reg_tokens"] = model.num_reg_tokens
     label_names = {"label_names": info["class_names"]} if info.get("class_names") else {}
     save_for_hf(model, str(output_dir), model_config=label_names, model_args=model_args,
                 safe_serialization=True)
