@@ -31,7 +31,7 @@ from wegeft_vision import (FullFinetuneConfig, LoRAConfig, WeGeFTConfig, apply_a
                            count_parameters, merge_adapter)
 from wegeft_vision.adapters import WeGeFTLinear
 from wegeft_vision.adapters.config import expand_targets
-from wegeft_vision.adapters.functional import plain_form, saved_activation_bytes
+from wegeft_vision.adapters.kernels import saved_activation_bytes
 
 VARIANTS = ("floor", "wegeft", "wegeft-no-recompute", "wegeft-plain", "lora", "peft-lora",
             "full")
@@ -43,7 +43,6 @@ class Variant:
     name: str
     model: nn.Module
     optimizer: Optional[torch.optim.Optimizer]
-    context: Callable[[], contextlib.AbstractContextManager]
     trainable: int
 
 
@@ -61,10 +60,10 @@ def _create(args: argparse.Namespace) -> nn.Module:
                              img_size=args.img_size)
 
 
-def _set_recompute(model: nn.Module, recompute: bool) -> None:
+def _set_wegeft_layers(model: nn.Module, recompute: bool, fast: bool) -> None:
     for module in model.modules():
         if isinstance(module, WeGeFTLinear):
-            module.recompute = recompute
+            module.recompute, module.fast = recompute, fast
 
 
 def _peft_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
@@ -79,7 +78,6 @@ def _peft_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
 def build_variant(name: str, args: argparse.Namespace, device: torch.device) -> Variant:
     """One model, trained as ``name`` says, with its optimiser over what it trains."""
     model = _create(args)
-    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     if name == "floor":
         for param in model.parameters():
             param.requires_grad_(False)
@@ -90,9 +88,7 @@ def build_variant(name: str, args: argparse.Namespace, device: torch.device) -> 
         model.patch_embed.register_forward_hook(lambda module, inputs, out: out.requires_grad_())
     elif name.startswith("wegeft"):
         apply_adapter(model, WeGeFTConfig(rank=args.rank, targets=args.targets))
-        _set_recompute(model, name == "wegeft")
-        if name == "wegeft-plain":
-            context = plain_form
+        _set_wegeft_layers(model, recompute=name == "wegeft", fast=name != "wegeft-plain")
     elif name == "lora":
         apply_adapter(model, LoRAConfig(rank=args.rank, alpha=float(args.rank),
                                         targets=args.targets))
@@ -110,7 +106,7 @@ def build_variant(name: str, args: argparse.Namespace, device: torch.device) -> 
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    return Variant(name, model, optimizer, context=context,
+    return Variant(name, model, optimizer,
                    trainable=sum(p.numel() for p in params))
 
 
@@ -128,7 +124,7 @@ def _batch(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor
 
 
 def _forward_loss(variant: Variant, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    with variant.context(), _autocast(images.device):
+    with _autocast(images.device):
         return F.cross_entropy(variant.model(images).float(), labels)
 
 

@@ -1,12 +1,14 @@
 """The WeGeFT fast path equals the plain form in outputs and every gradient, in every setting.
 
 Float64 comparisons against :func:`wegeft_linear_plain` (the representation form written with plain
-autograd ops); activation memory against the frozen floor; autocast and DDP
-(torch.compile and torch.export: tests/test_compile_export.py).
+autograd ops, what a layer runs with ``fast = False``); activation memory against the frozen floor;
+autocast and DDP (torch.compile and torch.export: tests/test_compile_export.py).
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import warnings
+from typing import Iterator, Optional
 
 import pytest
 import timm
@@ -16,14 +18,13 @@ from torch import nn
 
 from wegeft_vision import LoRAConfig, WeGeFTConfig, apply_adapter
 from wegeft_vision.adapters import WeGeFTLinear
-from wegeft_vision.adapters import functional
-from wegeft_vision.adapters.functional import (EditSpec, plain_form, saved_activation_bytes,
-                                               use_output_form, wegeft_linear,
-                                               wegeft_linear_plain)
+from wegeft_vision.adapters import kernels
+from wegeft_vision.adapters.kernels import (EditSpec, saved_activation_bytes, use_output_form,
+                                            wegeft_linear, wegeft_linear_plain)
 
 TOL = 1e-10
-# Tiny ViT: 17 tokens of width 96; batch 6 gives N = 102 tokens, enough for fc2 (96·4 -> 96) to
-# take the output form while qkv, proj and fc1 take the input form (checked below).
+# Tiny ViT: 17 tokens of width 96, batch 6 (N = 102 tokens): proj and fc2 take the output form,
+# qkv and fc1 the input form (checked below).
 VIT = dict(img_size=32, patch_size=8, embed_dim=96, depth=2, num_heads=3, num_classes=5)
 BATCH = 6
 
@@ -49,12 +50,25 @@ def set_recompute(model: nn.Module, recompute: bool) -> None:
             module.recompute = recompute
 
 
+@contextlib.contextmanager
+def plain_layers(model: nn.Module, plain: bool = True) -> Iterator[None]:
+    """Within this context ``model``'s WeGeFT layers run the plain form (the reference)."""
+    layers = [m for m in model.modules() if isinstance(m, WeGeFTLinear)]
+    for layer in layers:
+        layer.fast = not plain
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.fast = True
+
+
 def run(model: nn.Module, images: torch.Tensor, plain: bool = False, input_grad: bool = True
         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits, and the gradients of a fixed loss for the input and every trainable parameter."""
     model.zero_grad(set_to_none=True)
     images = images.detach().requires_grad_(input_grad)
-    with plain_form() if plain else torch.enable_grad():
+    with plain_layers(model, plain):
         logits = model(images)
     weights = torch.linspace(-1.0, 1.0, logits.numel(), dtype=torch.float64).view_as(logits)
     (logits.double() * weights).sum().backward()
@@ -75,11 +89,12 @@ def assert_same(fast: tuple, plain: tuple, tol: float = TOL) -> None:
 
 
 def test_tiny_vit_exercises_both_forms() -> None:
-    tokens = BATCH * ((VIT["img_size"] // VIT["patch_size"]) ** 2 + 1)
     d = VIT["embed_dim"]
-    assert use_output_form(tokens, 4 * d, d, whole=True)  # fc2
-    for d_in, d_out in ((d, 3 * d), (d, d), (d, 4 * d)):  # qkv, proj, fc1
-        assert not use_output_form(tokens, d_in, d_out, whole=True)
+    for d_in, d_out in ((4 * d, d), (d, d)):  # fc2, proj
+        assert use_output_form(d_in, d_out, whole=True)
+    for d_in, d_out in ((d, 3 * d), (d, 4 * d)):  # qkv, fc1
+        assert not use_output_form(d_in, d_out, whole=True)
+    assert use_output_form(d, 3 * d, whole=False)  # q/k/v parts
 
 
 @pytest.mark.parametrize("config", [
@@ -107,7 +122,7 @@ def test_training_without_input_gradient_equals_plain_form() -> None:
 
 def test_recompute_in_chunks_equals_plain_form(monkeypatch: pytest.MonkeyPatch) -> None:
     # One sample per chunk, so x is rebuilt and reduced piece by piece.
-    monkeypatch.setattr(functional, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "_CHUNK_ELEMENTS", 1)
     model = make_vit(WeGeFTConfig(rank=4, targets="all", qkv_parts=("q", "v"), alpha=3.0))
     set_recompute(model, True)
     images = torch.randn(BATCH, 3, 32, 32, dtype=torch.float64)
@@ -137,11 +152,11 @@ def _as_in_another_torch(node: object, change: str) -> object:
 def test_recompute_falls_back_to_saving_x(monkeypatch: pytest.MonkeyPatch, change: str) -> None:
     # Recompute reads private autograd attributes: another PyTorch must cost memory, never a crash
     # or a wrong gradient.
-    recipes = dict(functional._RECIPES)
-    monkeypatch.setattr(functional, "_RECIPES", {
+    recipes = dict(kernels._RECIPES)
+    monkeypatch.setattr(kernels, "_RECIPES", {
         name: (lambda node, x, make=make: make(_as_in_another_torch(node, change), x))
         for name, make in recipes.items()})
-    monkeypatch.setattr(functional, "_RECIPE_WORKS", {}, raising=False)
+    monkeypatch.setattr(kernels, "_RECIPE_WORKS", {})
     model = make_vit(WeGeFTConfig(rank=4, targets="all", qkv_parts=("q", "v"), alpha=2.0))
     images = torch.randn(BATCH, 3, 32, 32, dtype=torch.float64)
     set_recompute(model, True)
@@ -165,6 +180,40 @@ def test_recompute_falls_back_to_saving_x(monkeypatch: pytest.MonkeyPatch, chang
     # Every layer whose recipe failed saves x. (attn.proj's input is a view of what attention
     # saves here, so whether its recipe works changes no byte.)
     assert saved == stored
+
+
+def test_recompute_check_runs_per_device_and_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A recipe checked on float64 vouches for nothing in float32 (nor a CPU check for CUDA bf16):
+    # other kernels save other tensors. Here LayerNorm's recipe reads mean and rstd swapped, in
+    # float32 only; the float64 check passed first.
+    recipes = dict(kernels._RECIPES)
+
+    def layer_norm(node: object, x: torch.Tensor):
+        if x.dtype == torch.float32:
+            node = _as_in_another_torch(node, "redefined")
+        return recipes["NativeLayerNormBackward0"](node, x)
+
+    monkeypatch.setattr(kernels, "_RECIPES", {**recipes, "NativeLayerNormBackward0": layer_norm})
+    monkeypatch.setattr(kernels, "_RECIPE_WORKS", {})
+    config = WeGeFTConfig(rank=4, targets="all")
+    images = torch.randn(BATCH, 3, 32, 32, dtype=torch.float64)
+    model64 = make_vit(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_same(run(model64, images), run(model64, images, plain=True))
+    key = ("NativeLayerNormBackward0", "cpu")
+    assert kernels._RECIPE_WORKS[(*key, torch.float64)] is True
+    model32 = make_vit(config, dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match=r"what NativeLayerNormBackward0 saves in torch "
+                                            r"\S+ on cpu float32 \(the rebuilt input differs"):
+        fast = run(model32, images.float())
+    assert_same(fast, run(model32, images.float(), plain=True), tol=1e-5)
+    assert kernels._RECIPE_WORKS[(*key, torch.float32)] is False
+    assert kernels._RECIPE_WORKS[(*key, torch.float64)] is True  # float64 keeps recomputing
+    params = list(model64.parameters())
+    saved = saved_activation_bytes(model64(images), params)
+    set_recompute(model64, False)
+    assert saved < saved_activation_bytes(model64(images), params)
 
 
 def _layer_case(d_in: int, d_out: int, parts: tuple[Optional[str], ...], scale: float,
@@ -284,7 +333,7 @@ def test_recompute_saves_only_h_over_the_floor() -> None:
     assert len(layers) == 4 * VIT["depth"]
     tokens = BATCH * 17
     h_bytes = len(layers) * tokens * rank * 8
-    with plain_form():
+    with plain_layers(model):
         plain_bytes = saved_activation_bytes(model(images), params)
         assert plain_bytes == _hook_bytes(model, images)
     set_recompute(model, False)

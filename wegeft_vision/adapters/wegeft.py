@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from .config import QKV_PARTS
-from .functional import EditSpec, plain_form_enabled, wegeft_linear, wegeft_linear_plain
+from .kernels import EditSpec, wegeft_linear, wegeft_linear_plain
 from .layer import AdaptedLinear, Edit
 
 
 class WeGeFTGenerator(Edit):
     """The generator (phi, psi), psi: d_in -> r, phi: r -> d_in; the layers apply it through
-    :mod:`.functional` (x -> x + scale·phi(psi(x))), so it holds parameters and merges.
+    :mod:`.kernels` (x -> x + scale·phi(psi(x))), so it holds parameters and merges.
 
     Initialised as the authors' vision code does (gift/gift/modeling_gift.py, which builds
     dW = out_proj(in_proj(W)) row by row): phi = in_proj.weight^T starts U(+-1/sqrt(d_in)) (the
@@ -48,15 +48,16 @@ class WeGeFTGenerator(Edit):
 class WeGeFTLinear(AdaptedLinear):
     """y = W(x + phi(psi(x))) + b, per q/k/v part when the edits are keyed by part.
 
-    Runs the fast path of :mod:`.functional` (the plain autograd form inside
-    :func:`.functional.plain_form`). ``recompute``: rebuild this layer's input in backward from
+    ``fast``: run the fast kernel of :mod:`.kernels` (the default), else the plain autograd form
+    that the tests compare it with. ``recompute``: rebuild this layer's input in backward from
     what its producer (LayerNorm, GELU, attention) saved anyway, instead of keeping a copy.
     """
 
+    fast: bool = True
     recompute: bool = True
 
     def edit_specs(self) -> list[EditSpec]:
-        """The edits as the functional form takes them, in q, k, v row order."""
+        """The edits as the kernels take them, in q, k, v row order."""
         specs = []
         for part in (None, *QKV_PARTS):
             edit = self.edits.get(part)
@@ -67,7 +68,8 @@ class WeGeFTLinear(AdaptedLinear):
         return specs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # y = W(x + s·phi(psi(x))) + b: one kernel call, the same formula in either form.
         weight, bias = self.base_layer.weight, self.base_layer.bias
-        if plain_form_enabled():
+        if not self.fast:
             return wegeft_linear_plain(x, weight, bias, self.edit_specs())
         return wegeft_linear(x, weight, bias, self.edit_specs(), recompute=self.recompute)
