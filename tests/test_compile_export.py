@@ -62,7 +62,7 @@ def images(batch: int, seed: int = 1) -> torch.Tensor:
 def loss_and_grads(model: nn.Module, x: torch.Tensor, plain: bool = False
                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
-    labels = torch.arange(x.shape[0]) % VIT["num_classes"]
+    labels = torch.arange(x.shape[0], device=x.device) % VIT["num_classes"]
     with plain_form(model) if plain else contextlib.nullcontext():
         loss = F.cross_entropy(model(x), labels)
     loss.backward()
@@ -111,3 +111,17 @@ def test_export_with_dynamic_batch_equals_eager(name: str) -> None:
         with torch.no_grad():
             assert rel_err(exported(x), reference) < TOL, size
             assert rel_err(model(x), reference) < TOL, size  # eager fast path, same inputs
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["wegeft-all", "wegeft-qv"])
+def test_inductor_on_cuda_equals_eager(name: str) -> None:
+    # What a GPU run compiles: Inductor's generated kernels, in float32 (its sums may reorder).
+    model = make_model(name).float().cuda()
+    x = images(BATCH).float().cuda()
+    loss, grads = loss_and_grads(torch.compile(model, fullgraph=True), x)
+    ref_loss, ref_grads = loss_and_grads(model, x, plain=True)
+    assert rel_err(loss, ref_loss) < 1e-4
+    for param_name, grad in grads.items():
+        assert rel_err(grad, ref_grads[param_name]) < 1e-3, param_name

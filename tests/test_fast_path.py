@@ -23,6 +23,10 @@ from wegeft_vision.adapters.kernels import (EditSpec, saved_activation_bytes, us
                                             wegeft_linear, wegeft_linear_plain)
 
 TOL = 1e-10
+# Tests that need a GPU: marked, so `pytest -m cuda` (scripts/device_check.sh) selects them, and
+# skipped where there is none.
+cuda = pytest.mark.cuda
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # Tiny ViT: 17 tokens of width 96, batch 6 (N = 102 tokens): proj and fc2 take the output form,
 # qkv and fc1 the input form (checked below).
 VIT = dict(img_size=32, patch_size=8, embed_dim=96, depth=2, num_heads=3, num_classes=5)
@@ -70,7 +74,8 @@ def run(model: nn.Module, images: torch.Tensor, plain: bool = False, input_grad:
     images = images.detach().requires_grad_(input_grad)
     with plain_layers(model, plain):
         logits = model(images)
-    weights = torch.linspace(-1.0, 1.0, logits.numel(), dtype=torch.float64).view_as(logits)
+    weights = torch.linspace(-1.0, 1.0, logits.numel(), dtype=torch.float64,
+                             device=logits.device).view_as(logits)
     (logits.double() * weights).sum().backward()
     grads = {"input": images.grad} if input_grad else {}
     # DDP and torch.compile wrap the model; compare by the model's own parameter names.
@@ -403,3 +408,34 @@ def test_recompute_config_field() -> None:
     assert WeGeFTConfig(recompute=False) == WeGeFTConfig(recompute=True)
     with pytest.raises(TypeError, match="recompute must be True or False, got 'yes'"):
         WeGeFTConfig(recompute="yes")
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("config", [
+    WeGeFTConfig(rank=4, targets="all"),
+    WeGeFTConfig(rank=3, targets="all", qkv_parts=("q", "v"), alpha=1.5),
+], ids=["all", "qkv-parts"])
+def test_cuda_fast_path_equals_plain_form(config: WeGeFTConfig) -> None:
+    model = make_vit(config).cuda()
+    images = torch.randn(BATCH, 3, 32, 32, dtype=torch.float64, device="cuda")
+    assert_same(run(model, images), run(model, images, plain=True))
+
+
+@cuda
+@needs_cuda
+def test_cuda_bf16_recompute_checks_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The check that matters on a GPU: CUDA kernels in bf16 autocast, checked there, not vouched
+    # for by a CPU run. Whatever it decides, the gradients stay those of the plain form.
+    monkeypatch.setattr(kernels, "_RECIPE_WORKS", {(n, "cpu", torch.float32): True
+                                                   for n in kernels._RECIPES})
+    model = make_vit(WeGeFTConfig(rank=4, targets="all"), dtype=torch.float32).cuda()
+    images = torch.randn(BATCH, 3, 32, 32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = run(model, images)
+        plain = run(model, images, plain=True)
+    checked = {key for key in kernels._RECIPE_WORKS if key[1] == "cuda"}
+    assert ("GeluBackward0", "cuda", torch.bfloat16) in checked
+    assert any(key[0] == "NativeLayerNormBackward0" for key in checked)
+    for name, grad in plain[1].items():
+        assert rel_err(fast[1][name].float(), grad.float()) < 0.1, name

@@ -20,8 +20,9 @@ test compares the fast path with. The fast path, :func:`wegeft_linear`, is one
   d_out x d_in matmul when x needs no gradient.
 
 *Recompute*: the input of an adapted layer is usually a tensor the network keeps anyway in
-another form: fc2's input is GELU(z) and GELU saves z; qkv's and fc1's inputs are LayerNorm
-outputs and LayerNorm saves its input and statistics; attn.proj's input is a reshaped copy of the
+another form: fc2's input is GELU(z) and GELU saves z (in a gated MLP, SwiGLU, it is a product
+whose two factors the product saves); qkv's and fc1's inputs are LayerNorm outputs and LayerNorm
+saves its input and statistics; attn.proj's input is a reshaped copy of the
 attention output, which scaled-dot-product attention saves. With ``recompute=True`` the layer saves
 those tensors (no new memory) and rebuilds x in backward (one elementwise pass). Each recipe is
 checked against a real x at its first use on each device type and dtype (their kernels and saved
@@ -106,6 +107,16 @@ def _gelu_recipe(node: torch.autograd.graph.Node, x: torch.Tensor
     return (lambda z: F.gelu(z, approximate=approximate)), (z,)
 
 
+def _mul_recipe(node: torch.autograd.graph.Node, x: torch.Tensor
+                ) -> Optional[tuple[Rebuild, tuple[torch.Tensor, ...]]]:
+    """x = a * b with both factors saved by the product (a gated MLP: SwiGLU's act(gate) * value)."""
+    a, b = node._saved_self, node._saved_other
+    if a is None or b is None or not all(t.shape == x.shape and t.dtype == x.dtype
+                                         for t in (a, b)):
+        return None
+    return torch.mul, (a, b)
+
+
 def _layer_norm_recipe(node: torch.autograd.graph.Node, x: torch.Tensor
                        ) -> Optional[tuple[Rebuild, tuple[torch.Tensor, ...]]]:
     source, mean, rstd = node._saved_input, node._saved_result1, node._saved_result2
@@ -146,6 +157,7 @@ def _saved_output_recipe(node: torch.autograd.graph.Node, x: torch.Tensor
 
 _RECIPES = {
     "GeluBackward0": _gelu_recipe,
+    "MulBackward0": _mul_recipe,
     "NativeLayerNormBackward0": _layer_norm_recipe,
     "UnsafeViewBackward0": _saved_output_recipe,
     "ViewBackward0": _saved_output_recipe,
