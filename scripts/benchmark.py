@@ -136,6 +136,32 @@ def train_step(variant: Variant, images: torch.Tensor, labels: torch.Tensor) -> 
         variant.optimizer.step()
 
 
+def warm_up(variants: list[Variant], images: torch.Tensor, labels: torch.Tensor,
+            compile_model: bool) -> list[Variant]:
+    """An untimed step of each variant (allocator, kernels, optimiser state; with
+    ``compile_model`` two, the first compiles: its time is reported). A variant that fails is left out with
+    its error, so one broken method does not cost a blind run its other numbers."""
+    kept = []
+    for variant in variants:
+        start = time.perf_counter()
+        try:
+            if compile_model:
+                # In place: the parameter names (and so the optimiser's tensors) stay the same.
+                variant.model.compile()
+            for _ in range(2 if compile_model else 1):
+                train_step(variant, images, labels)
+            _sync(images.device)
+        except Exception as error:  # noqa: BLE001 - report and go on with the others
+            print(f"{variant.name}: left out, its warm-up failed: {type(error).__name__}: "
+                  f"{error}", file=sys.stderr, flush=True)
+            continue
+        if compile_model:
+            print(f"{variant.name}: compiled and warmed up in {time.perf_counter() - start:.1f} s",
+                  flush=True)
+        kept.append(variant)
+    return kept
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -304,6 +330,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--no-rss", action="store_true", help="skip the per-variant RSS runs")
     parser.add_argument("--no-inference", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every variant's model (Inductor; minutes on a CPU)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -324,20 +352,21 @@ def main(argv: Optional[list[str]] = None) -> None:
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"# {args.model}, batch {args.batch_size}, {args.img_size} px, rank {args.rank}, "
           f"targets {' '.join(args.targets)}, {device.type} ({precision}, "
-          f"{torch.get_num_threads()} threads), {args.reps} interleaved reps, torch "
-          f"{torch.__version__}, timm {timm.__version__}", flush=True)
+          f"{torch.get_num_threads()} threads), {'compiled, ' if args.compile else ''}"
+          f"{args.reps} interleaved reps, torch {torch.__version__}, timm {timm.__version__}",
+          flush=True)
     load = [os.getloadavg()[0]]  # the machine's 1-minute load: was it shared while measured?
+    variants = warm_up(variants, images, labels, compile_model=args.compile)
 
     memory = {v.name: (cuda_peak(v, images, labels) if device.type == "cuda"
                        else saved_bytes(v, images, labels)) for v in variants}
     wall: dict[str, list[float]] = {v.name: [] for v in variants}
     cpu: dict[str, list[float]] = {v.name: [] for v in variants}
-    for rep in range(args.reps + 1):
+    for _ in range(args.reps):
         for variant in variants:
             elapsed = _timed(lambda: train_step(variant, images, labels), device)
-            if rep > 0:  # the first round warms up (allocator, kernels, optimiser state)
-                wall[variant.name].append(elapsed[0])
-                cpu[variant.name].append(elapsed[1])
+            wall[variant.name].append(elapsed[0])
+            cpu[variant.name].append(elapsed[1])
         load.append(os.getloadavg()[0])
     rss = ({} if args.no_rss or device.type == "cuda"
            else {v.name: measure_rss(v.name, args) for v in variants})
