@@ -1,4 +1,4 @@
-"""Training-step cost of WeGeFT vs LoRA, HF PEFT LoRA, full fine-tuning and the frozen floor.
+"""Training-step cost of WeGeFT vs the other registered methods, HF PEFT LoRA and the floor.
 
 All variants are built in one process and timed interleaved (one step of each per repetition),
 so machine load hits every variant alike; medians and ratios are reported. Memory: on CUDA the
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -27,14 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wegeft_vision import (FullFinetuneConfig, LoRAConfig, WeGeFTConfig, apply_adapter,
-                           count_parameters, merge_adapter)
-from wegeft_vision.adapters import WeGeFTLinear
-from wegeft_vision.adapters.config import expand_targets
+from wegeft_vision import WeGeFTConfig, apply_adapter, merge_adapter
+from wegeft_vision.adapters import METHODS, WeGeFTLinear
 from wegeft_vision.adapters.kernels import saved_activation_bytes
+from wegeft_vision.adapters.targets import expand_targets
 
-VARIANTS = ("floor", "wegeft", "wegeft-no-recompute", "wegeft-plain", "lora", "peft-lora",
-            "full")
+# Besides these, any method registered in wegeft_vision.adapters.METHODS, by its name.
+SPECIAL = ("floor", "wegeft-no-recompute", "wegeft-plain", "peft-lora")
+# The default set; methods named here but not registered in this tree are left out with a note.
+VARIANTS = ("floor", "wegeft", "wegeft-no-recompute", "wegeft-plain", "lora", "dora", "vera",
+            "peft-lora", "full")
 NUM_CLASSES = 100
 
 
@@ -75,6 +78,15 @@ def _peft_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     return get_peft_model(model, config)
 
 
+def method_config(name: str, args: argparse.Namespace):
+    """The registered method ``name`` at the benchmark's rank and targets (where it has them),
+    with alpha = rank (a scale of 1) where it scales."""
+    cls = METHODS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    wanted = {"rank": args.rank, "targets": args.targets, "alpha": float(args.rank)}
+    return cls(**{key: value for key, value in wanted.items() if key in fields})
+
+
 def build_variant(name: str, args: argparse.Namespace, device: torch.device) -> Variant:
     """One model, trained as ``name`` says, with its optimiser over what it trains."""
     model = _create(args)
@@ -89,20 +101,17 @@ def build_variant(name: str, args: argparse.Namespace, device: torch.device) -> 
     elif name.startswith("wegeft"):
         apply_adapter(model, WeGeFTConfig(rank=args.rank, targets=args.targets))
         _set_wegeft_layers(model, recompute=name == "wegeft", fast=name != "wegeft-plain")
-    elif name == "lora":
-        apply_adapter(model, LoRAConfig(rank=args.rank, alpha=float(args.rank),
-                                        targets=args.targets))
     elif name == "peft-lora":
         model = _peft_lora(model, args)
-    elif name == "full":
-        apply_adapter(model, FullFinetuneConfig())
     else:
-        raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
-    if name.startswith("wegeft") or name == "lora":
-        # Non-zero up-projections, so every low-rank product does real work.
+        apply_adapter(model, method_config(name, args))
+    adapter = getattr(model, "adapter", None)
+    if isinstance(adapter, nn.Module):
+        # Non-zero up-projections (zero at init), so every low-rank product does real work.
         with torch.no_grad():
-            for param in model.adapter.parameters():
-                param.normal_(0.0, 0.02)
+            for param in adapter.parameters():
+                if not param.any():
+                    param.normal_(0.0, 0.02)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
@@ -327,7 +336,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="layer suffixes or presets (attn, mlp, all)")
     parser.add_argument("--reps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                        help=f"{', '.join(SPECIAL)} or registered method names "
+                             f"({', '.join(METHODS)}); default: {' '.join(VARIANTS)}")
     parser.add_argument("--no-rss", action="store_true", help="skip the per-variant RSS runs")
     parser.add_argument("--no-inference", action="store_true")
     parser.add_argument("--compile", action="store_true",
@@ -342,10 +353,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error("--device cuda given, but CUDA is not available")
     device = torch.device("cuda" if args.device == "cuda" or (
         args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    names = [n for n in args.variants if n != "peft-lora" or peft_available()]
-    if "peft-lora" in args.variants and "peft-lora" not in names:
-        print("peft is not installed: skipping HF PEFT LoRA (pip install 'wegeft-vision[peft]')",
-              file=sys.stderr)
+    names = []
+    for name in dict.fromkeys(args.variants):
+        if name == "peft-lora" and not peft_available():
+            print("peft is not installed: skipping HF PEFT LoRA (pip install "
+                  "'wegeft-vision[peft]')", file=sys.stderr)
+        elif name not in SPECIAL and name not in METHODS:
+            print(f"{name}: not a registered method in this tree, left out (registered: "
+                  f"{', '.join(METHODS)})", file=sys.stderr)
+        else:
+            names.append(name)
 
     variants = [build_variant(name, args, device) for name in names]
     images, labels = _batch(args, device)

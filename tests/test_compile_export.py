@@ -14,15 +14,14 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from wegeft_vision import LoRAConfig, WeGeFTConfig, apply_adapter
-from test_fast_path import plain_layers as plain_form
+from tests.helpers.models import create_vit, plain_form, vit_kwargs
 
-VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
+VIT = vit_kwargs("wide", num_classes=5)
 # qkv and fc1 run the input form, proj and fc2 the output form: both are checked.
 BATCH = 6
 CONFIGS = {
@@ -45,8 +44,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def make_model(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT).double()
+    model = create_vit("vit_tiny_patch16_224", "wide").train()
     apply_adapter(model, CONFIGS[name])
     with torch.no_grad():  # non-zero factors (LoRA's B and WeGeFT's psi start at zero)
         for param in model.adapter.parameters():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator, Optional
+from typing import Optional
 
 import pytest
 import timm
@@ -22,6 +22,8 @@ from wegeft_vision.adapters import kernels
 from wegeft_vision.adapters.kernels import (EditSpec, saved_activation_bytes, use_output_form,
                                             wegeft_linear, wegeft_linear_plain)
 
+from tests.helpers.models import create_vit, plain_form, vit_kwargs
+
 TOL = 1e-10
 # Tests that need a GPU: marked, so `pytest -m cuda` (scripts/device_check.sh) selects them, and
 # skipped where there is none.
@@ -29,7 +31,7 @@ cuda = pytest.mark.cuda
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # Tiny ViT: 17 tokens of width 96, batch 6 (N = 102 tokens): proj and fc2 take the output form,
 # qkv and fc1 the input form (checked below).
-VIT = dict(img_size=32, patch_size=8, embed_dim=96, depth=2, num_heads=3, num_classes=5)
+VIT = vit_kwargs("wide", num_classes=5)
 BATCH = 6
 
 
@@ -38,8 +40,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def make_vit(config: Optional[WeGeFTConfig], seed: int = 0, dtype=torch.float64) -> nn.Module:
-    torch.manual_seed(seed)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT).to(dtype)
+    model = create_vit("vit_tiny_patch16_224", "wide", dtype=dtype, seed=seed).train()
     if config is not None:
         apply_adapter(model, config)
         with torch.no_grad():  # non-zero generators, so every product matters
@@ -54,25 +55,12 @@ def set_recompute(model: nn.Module, recompute: bool) -> None:
             module.recompute = recompute
 
 
-@contextlib.contextmanager
-def plain_layers(model: nn.Module, plain: bool = True) -> Iterator[None]:
-    """Within this context ``model``'s WeGeFT layers run the plain form (the reference)."""
-    layers = [m for m in model.modules() if isinstance(m, WeGeFTLinear)]
-    for layer in layers:
-        layer.fast = not plain
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.fast = True
-
-
 def run(model: nn.Module, images: torch.Tensor, plain: bool = False, input_grad: bool = True
         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits, and the gradients of a fixed loss for the input and every trainable parameter."""
     model.zero_grad(set_to_none=True)
     images = images.detach().requires_grad_(input_grad)
-    with plain_layers(model, plain):
+    with plain_form(model) if plain else contextlib.nullcontext():
         logits = model(images)
     weights = torch.linspace(-1.0, 1.0, logits.numel(), dtype=torch.float64,
                              device=logits.device).view_as(logits)
@@ -338,7 +326,7 @@ def test_recompute_saves_only_h_over_the_floor() -> None:
     assert len(layers) == 4 * VIT["depth"]
     tokens = BATCH * 17
     h_bytes = len(layers) * tokens * rank * 8
-    with plain_layers(model):
+    with plain_form(model):
         plain_bytes = saved_activation_bytes(model(images), params)
         assert plain_bytes == _hook_bytes(model, images)
     set_recompute(model, False)
@@ -392,20 +380,8 @@ def test_ddp_gradients_match_plain(tmp_path) -> None:
         dist.destroy_process_group()
 
 
-def test_identity_start_is_exact() -> None:
-    torch.manual_seed(0)
-    base = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT).double()
-    adapted = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT).double()
-    adapted.load_state_dict(base.state_dict())
-    apply_adapter(adapted, WeGeFTConfig(rank=4, targets="all", qkv_parts=("q", "v")))
-    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    assert rel_err(adapted(images), base(images)) < 1e-14
-
-
 def test_recompute_config_field() -> None:
     assert WeGeFTConfig().recompute is True
-    # A runtime choice: an adapter saved with one setting loads into a model with the other.
-    assert WeGeFTConfig(recompute=False) == WeGeFTConfig(recompute=True)
     with pytest.raises(TypeError, match="recompute must be True or False, got 'yes'"):
         WeGeFTConfig(recompute="yes")
 
