@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from wegeft_vision import LoRAConfig, WeGeFTConfig, apply_adapter
-from wegeft_vision.adapters import WeGeFTLinear
+from wegeft_vision import (LoRAConfig, WeGeFTConfig, apply_adapter, merge_adapter,
+                           remove_adapter, unmerge_adapter)
+from wegeft_vision.adapters import AdaptedLinear, AdapterConfig, WeGeFTLinear
 from wegeft_vision.adapters import kernels
 from wegeft_vision.adapters.kernels import (EditSpec, saved_activation_bytes, use_output_form,
                                             wegeft_linear, wegeft_linear_plain)
@@ -39,8 +40,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def make_vit(config: Optional[WeGeFTConfig], seed: int = 0, dtype=torch.float64) -> nn.Module:
-    model = create_vit("vit_tiny_patch16_224", "wide", dtype=dtype, seed=seed).train()
+def make_vit(config: Optional[AdapterConfig], seed: int = 0, dtype=torch.float64,
+             name: str = "vit_tiny_patch16_224") -> nn.Module:
+    model = create_vit(name, "wide", dtype=dtype, seed=seed).train()
     if config is not None:
         apply_adapter(model, config)
         with torch.no_grad():  # non-zero generators, so every product matters
@@ -310,12 +312,17 @@ def _hook_bytes(model: nn.Module, images: torch.Tensor) -> int:
     return sum(storages.values())
 
 
+def _frozen_floor(name: str) -> nn.Module:
+    floor = make_vit(None, name=name)
+    for param_name, param in floor.named_parameters():
+        param.requires_grad_(param_name.startswith("head."))  # as in the adapted model
+    return floor
+
+
 def test_recompute_saves_only_h_over_the_floor() -> None:
     """With recompute on, the adapted model saves the frozen model's tensors plus N x r per layer."""
     images = torch.randn(BATCH, 3, 32, 32, dtype=torch.float64, requires_grad=True)
-    floor = make_vit(None)
-    for name, param in floor.named_parameters():
-        param.requires_grad_(name.startswith("head."))  # as in the adapted model
+    floor = _frozen_floor("vit_tiny_patch16_224")
     floor_bytes = saved_activation_bytes(floor(images), list(floor.parameters()))
     assert floor_bytes == _hook_bytes(floor, images)  # the graph walk counts what hooks see
 
@@ -335,6 +342,61 @@ def test_recompute_saves_only_h_over_the_floor() -> None:
     assert saved_activation_bytes(model(images), params) == floor_bytes + h_bytes
     # Under saved-tensor hooks (offloading, checkpointing) recompute stands down: x is saved.
     assert _hook_bytes(model, images) == plain_bytes
+
+
+# Their attention computes qkv as F.linear(x, self.qkv.weight, qkv_bias) unless timm's own
+# switch qkv_bias_separate is on; adapting qkv turns it on, so the layer's forward serves it.
+QKV_BIAS_FAMILIES = ["eva02_tiny_patch14_224", "beit_base_patch16_224"]
+
+
+@pytest.mark.parametrize("name", QKV_BIAS_FAMILIES)
+def test_eva_beit_attention_runs_the_fast_path(name: str, monkeypatch: pytest.MonkeyPatch
+                                               ) -> None:
+    images = torch.randn(BATCH, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    rank = 4
+    model = make_vit(WeGeFTConfig(rank=rank, targets="all"), name=name)
+    attentions = [block.attn for block in model.blocks]
+    assert all(a.qkv_bias_separate and a.q_bias is not None for a in attentions)
+
+    def no_weight(layer: AdaptedLinear) -> torch.Tensor:
+        raise AssertionError("the attention read qkv.weight: W + dW built, the layer bypassed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AdaptedLinear, "weight", property(no_weight))
+        assert_same(run(model, images), run(model, images, plain=True))
+        # Memory as on a ViT: the frozen model's saved tensors plus h (N x r) per layer.
+        floor = _frozen_floor(name)
+        floor_bytes = saved_activation_bytes(floor(images), list(floor.parameters()))
+        layers = [m for m in model.modules() if isinstance(m, WeGeFTLinear)]
+        h_bytes = len(layers) * BATCH * 17 * rank * 8
+        assert saved_activation_bytes(model(images), list(model.parameters())) == (
+            floor_bytes + h_bytes)
+
+
+@pytest.mark.parametrize("unload", [merge_adapter, remove_adapter], ids=["merge", "remove"])
+@pytest.mark.parametrize("name", QKV_BIAS_FAMILIES)
+def test_eva_beit_switch_restored_on_unload(name: str, unload) -> None:
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    plain = make_vit(None, name=name).eval()
+    model = make_vit(LoRAConfig(rank=3, targets="attn.qkv"), name=name).eval()
+    with torch.no_grad():
+        adapted = model(images)
+    merge_adapter(model, unload=False)  # merged in place: the layer still serves qkv
+    assert model.blocks[0].attn.qkv_bias_separate
+    with torch.no_grad():
+        assert rel_err(model(images), adapted) < 1e-12
+    unmerge_adapter(model)
+    unload(model)
+    assert not any(block.attn.qkv_bias_separate for block in model.blocks)
+    assert not any(hasattr(block.attn, "_qkv_bias_separate_before_adapter")
+                   for block in model.blocks)
+    assert list(model.state_dict()) == list(plain.state_dict())  # timm's keys
+    with torch.no_grad():
+        out = model(images)
+    if unload is remove_adapter:
+        assert rel_err(out, plain(images)) < 1e-14
+    else:
+        assert rel_err(out, adapted) < 1e-12
 
 
 def test_wegeft_saves_no_more_than_lora() -> None:
