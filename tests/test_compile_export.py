@@ -12,14 +12,18 @@ check.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from wegeft_vision import LoRAConfig, WeGeFTConfig, apply_adapter
 from tests.helpers.models import create_vit, plain_form, vit_kwargs
+from tests.helpers.training import (BACKBONE, BACKBONE_KWARGS, NUM_CLASSES, make_backbone_file,
+                                    make_toy_task, write_config)
 
 VIT = vit_kwargs("wide", num_classes=5)
 # qkv and fc1 run the input form, proj and fc2 the output form: both are checked.
@@ -123,3 +127,43 @@ def test_inductor_on_cuda_equals_eager(name: str) -> None:
     assert rel_err(loss, ref_loss) < 1e-4
     for param_name, grad in grads.items():
         assert rel_err(grad, ref_grads[param_name]) < 1e-3, param_name
+
+
+def test_cli_fit_with_compile_keeps_checkpoints_resume_and_export(tmp_path: Path) -> None:
+    # --model.compile compiles the backbone in place: the checkpoint holds the uncompiled
+    # model's keys (no "_orig_mod."), it loads without compiling, resumes and exports.
+    # aot_eager: Dynamo and AOTAutograd without Inductor's C++ build (minutes on a small CPU).
+    from safetensors.torch import load_file
+
+    from wegeft_vision.cli import cli_main
+    from wegeft_vision.training import ViTClassifier
+    from wegeft_vision.training.export import export_checkpoint
+
+    make_toy_task(tmp_path / "data")
+    weights = make_backbone_file(tmp_path / "backbone.safetensors")
+    config = write_config(tmp_path / "fit.yaml", tmp_path / "data", weights, tmp_path / "logs",
+                          compile=True, compile_kwargs={"backend": "aot_eager"})
+    cli = cli_main(["fit", "--config", str(config)])
+    assert cli.model.model._compiled_call_impl is not None  # nn.Module.compile ran
+    ckpt = Path(cli.trainer.checkpoint_callback.best_model_path)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert sorted(saved["state_dict"]) == sorted(cli.model.trainable_names())
+    assert not any("_orig_mod" in key for key in saved["state_dict"])
+
+    loaded = ViTClassifier.from_checkpoint(ckpt)
+    assert loaded.model._compiled_call_impl is None  # compiling is for trainer runs
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        compiled_logits = cli.model.eval()(x)
+        assert rel_err(loaded(x), compiled_logits) < 1e-5
+
+    resumed = cli_main(["fit", "--config", str(config), "--ckpt_path", str(ckpt)])
+    assert resumed.trainer.global_step == cli.trainer.global_step  # restored at the end already
+    for name, tensor in resumed.model.state_dict().items():
+        if name in saved["state_dict"]:
+            assert torch.equal(tensor, saved["state_dict"][name]), name
+
+    exported = load_file(export_checkpoint(ckpt, tmp_path / "export"))
+    plain = timm.create_model(BACKBONE, pretrained=False, num_classes=NUM_CLASSES,
+                              **BACKBONE_KWARGS)
+    assert sorted(exported) == sorted(plain.state_dict())
