@@ -314,7 +314,8 @@ class _WeGeFTLinearFunction(torch.autograd.Function):
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast):
             g = grad_y.reshape(-1, grad_y.shape[-1])
             grad_phis, gh_parts = [], []
-            grad_x = torch.mm(g, weight) if need_x else None
+            # The input form needs dL/du = g·W first; the output form adds g·W last (below).
+            grad_x = torch.mm(g, weight) if need_x and not output_form else None
             offset = 0
             for scale, rw, rank in layout:
                 h_i, phi_i = h[:, offset:offset + rank], phi[:, offset:offset + rank]
@@ -342,10 +343,15 @@ class _WeGeFTLinearFunction(torch.autograd.Function):
             if need_phi:
                 grad_phi = grad_phis[0] if len(grad_phis) == 1 else torch.cat(grad_phis, dim=1)
                 grad_phi = grad_phi.to(phi.dtype)
+            # In place, in this function's own buffer (factors cast by hand: in-place ops are
+            # outside autocast).
             if grad_x is not None:
-                # In place: g·W is this function's own buffer (psi cast by hand: in-place ops
-                # are outside autocast).
                 grad_x.addmm_(gh_all.to(grad_x.dtype), psi.to(grad_x.dtype))
+            elif need_x:
+                # The rank-r term first, then g·W accumulated onto it by the frozen matmul
+                # itself: one pass less over the wide N x d_in (fc2's 4d) than adding after.
+                grad_x = torch.mm(gh_all, psi)
+                grad_x.addmm_(g.to(grad_x.dtype), weight.to(grad_x.dtype))
         if grad_x is not None:
             grad_x = grad_x.to(x_dtype).reshape(*grad_y.shape[:-1], d_in)
         return grad_x, None, None, grad_psi, grad_phi, None, None, None
