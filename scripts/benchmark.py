@@ -148,8 +148,8 @@ def train_step(variant: Variant, images: torch.Tensor, labels: torch.Tensor) -> 
 def warm_up(variants: list[Variant], images: torch.Tensor, labels: torch.Tensor,
             compile_model: bool) -> list[Variant]:
     """An untimed step of each variant (allocator, kernels, optimiser state; with
-    ``compile_model`` two, the first compiles: its time is reported). A variant that fails is left out with
-    its error, so one broken method does not cost a blind run its other numbers."""
+    ``compile_model`` two, the first compiles: its time is reported). A variant that fails is
+    left out with its error, so one broken method does not cost a blind run its other numbers."""
     kept = []
     for variant in variants:
         start = time.perf_counter()

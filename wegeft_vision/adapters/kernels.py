@@ -109,7 +109,7 @@ def _gelu_recipe(node: torch.autograd.graph.Node, x: torch.Tensor
 
 def _mul_recipe(node: torch.autograd.graph.Node, x: torch.Tensor
                 ) -> Optional[tuple[Rebuild, tuple[torch.Tensor, ...]]]:
-    """x = a * b with both factors saved by the product (a gated MLP: SwiGLU's act(gate) * value)."""
+    """x = a * b, both factors saved by the product (a gated MLP: SwiGLU's act(gate) * value)."""
     a, b = node._saved_self, node._saved_other
     if a is None or b is None or not all(t.shape == x.shape and t.dtype == x.dtype
                                          for t in (a, b)):
@@ -385,7 +385,7 @@ def wegeft_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     Args:
         edits: one whole-layer edit (``rows=None``) or disjoint row-block edits.
         recompute: rebuild x in backward from what its producer saved (see the module docstring).
-        output_form: force the form (tests); None picks the cheaper one.
+        output_form: force the form (tests); None: by the layer's shape (:func:`use_output_form`).
 
     A trainable frozen weight or bias (not how adapters are used) falls back to the plain form,
     whose autograd also gives W its gradient.
