@@ -167,3 +167,16 @@ def test_cli_fit_with_compile_keeps_checkpoints_resume_and_export(tmp_path: Path
     plain = timm.create_model(BACKBONE, pretrained=False, num_classes=NUM_CLASSES,
                               **BACKBONE_KWARGS)
     assert sorted(exported) == sorted(plain.state_dict())
+
+
+def test_compile_options_are_checked() -> None:
+    from wegeft_vision.errors import UserError
+    from wegeft_vision.training.module import compile_options
+
+    assert compile_options(False, None) is None
+    assert compile_options(True, None) == {}
+    assert compile_options(True, {"backend": "aot_eager"}) == {"backend": "aot_eager"}
+    with pytest.raises(UserError, match="bakend is not a torch.compile option"):
+        compile_options(True, {"bakend": "aot_eager"})
+    with pytest.raises(UserError, match="compile is off"):
+        compile_options(False, {"backend": "aot_eager"})
