@@ -1,4 +1,4 @@
-"""Training-step cost of WeGeFT vs LoRA, HF PEFT LoRA, full fine-tuning and the frozen floor.
+"""Training-step cost of WeGeFT vs the other registered methods, HF PEFT LoRA and the floor.
 
 All variants are built in one process and timed interleaved (one step of each per repetition),
 so machine load hits every variant alike; medians and ratios are reported. Memory: on CUDA the
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -27,14 +28,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wegeft_vision import (FullFinetuneConfig, LoRAConfig, WeGeFTConfig, apply_adapter,
-                           count_parameters, merge_adapter)
-from wegeft_vision.adapters import WeGeFTLinear
+from wegeft_vision import WeGeFTConfig, apply_adapter, merge_adapter
+from wegeft_vision.adapters import METHODS, WeGeFTLinear
+from wegeft_vision.adapters.kernels import saved_activation_bytes
 from wegeft_vision.adapters.targets import expand_targets
-from wegeft_vision.adapters.functional import plain_form, saved_activation_bytes
 
-VARIANTS = ("floor", "wegeft", "wegeft-no-recompute", "wegeft-plain", "lora", "peft-lora",
-            "full")
+# Besides these, any method registered in wegeft_vision.adapters.METHODS, by its name.
+SPECIAL = ("floor", "wegeft-no-recompute", "wegeft-plain", "peft-lora")
+# The default set; methods named here but not registered in this tree are left out with a note.
+VARIANTS = ("floor", "wegeft", "wegeft-no-recompute", "wegeft-plain", "lora", "dora", "vera",
+            "peft-lora", "full")
 NUM_CLASSES = 100
 
 
@@ -43,7 +46,6 @@ class Variant:
     name: str
     model: nn.Module
     optimizer: Optional[torch.optim.Optimizer]
-    context: Callable[[], contextlib.AbstractContextManager]
     trainable: int
 
 
@@ -61,10 +63,10 @@ def _create(args: argparse.Namespace) -> nn.Module:
                              img_size=args.img_size)
 
 
-def _set_recompute(model: nn.Module, recompute: bool) -> None:
+def _set_wegeft_layers(model: nn.Module, recompute: bool, fast: bool) -> None:
     for module in model.modules():
         if isinstance(module, WeGeFTLinear):
-            module.recompute = recompute
+            module.recompute, module.fast = recompute, fast
 
 
 def _peft_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
@@ -76,10 +78,18 @@ def _peft_lora(model: nn.Module, args: argparse.Namespace) -> nn.Module:
     return get_peft_model(model, config)
 
 
+def method_config(name: str, args: argparse.Namespace):
+    """The registered method ``name`` at the benchmark's rank and targets (where it has them),
+    with alpha = rank (a scale of 1) where it scales."""
+    cls = METHODS[name]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    wanted = {"rank": args.rank, "targets": args.targets, "alpha": float(args.rank)}
+    return cls(**{key: value for key, value in wanted.items() if key in fields})
+
+
 def build_variant(name: str, args: argparse.Namespace, device: torch.device) -> Variant:
     """One model, trained as ``name`` says, with its optimiser over what it trains."""
     model = _create(args)
-    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     if name == "floor":
         for param in model.parameters():
             param.requires_grad_(False)
@@ -90,27 +100,22 @@ def build_variant(name: str, args: argparse.Namespace, device: torch.device) -> 
         model.patch_embed.register_forward_hook(lambda module, inputs, out: out.requires_grad_())
     elif name.startswith("wegeft"):
         apply_adapter(model, WeGeFTConfig(rank=args.rank, targets=args.targets))
-        _set_recompute(model, name == "wegeft")
-        if name == "wegeft-plain":
-            context = plain_form
-    elif name == "lora":
-        apply_adapter(model, LoRAConfig(rank=args.rank, alpha=float(args.rank),
-                                        targets=args.targets))
+        _set_wegeft_layers(model, recompute=name == "wegeft", fast=name != "wegeft-plain")
     elif name == "peft-lora":
         model = _peft_lora(model, args)
-    elif name == "full":
-        apply_adapter(model, FullFinetuneConfig())
     else:
-        raise ValueError(f"unknown variant {name!r}; choose from {VARIANTS}")
-    if name.startswith("wegeft") or name == "lora":
-        # Non-zero up-projections, so every low-rank product does real work.
+        apply_adapter(model, method_config(name, args))
+    adapter = getattr(model, "adapter", None)
+    if isinstance(adapter, nn.Module):
+        # Non-zero up-projections (zero at init), so every low-rank product does real work.
         with torch.no_grad():
-            for param in model.adapter.parameters():
-                param.normal_(0.0, 0.02)
+            for param in adapter.parameters():
+                if not param.any():
+                    param.normal_(0.0, 0.02)
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    return Variant(name, model, optimizer, context=context,
+    return Variant(name, model, optimizer,
                    trainable=sum(p.numel() for p in params))
 
 
@@ -128,7 +133,7 @@ def _batch(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor
 
 
 def _forward_loss(variant: Variant, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    with variant.context(), _autocast(images.device):
+    with _autocast(images.device):
         return F.cross_entropy(variant.model(images).float(), labels)
 
 
@@ -138,6 +143,32 @@ def train_step(variant: Variant, images: torch.Tensor, labels: torch.Tensor) -> 
     _forward_loss(variant, images, labels).backward()
     if variant.optimizer is not None:
         variant.optimizer.step()
+
+
+def warm_up(variants: list[Variant], images: torch.Tensor, labels: torch.Tensor,
+            compile_model: bool) -> list[Variant]:
+    """An untimed step of each variant (allocator, kernels, optimiser state; with
+    ``compile_model`` two, the first compiles: its time is reported). A variant that fails is
+    left out with its error, so one broken method does not cost a blind run its other numbers."""
+    kept = []
+    for variant in variants:
+        start = time.perf_counter()
+        try:
+            if compile_model:
+                # In place: the parameter names (and so the optimiser's tensors) stay the same.
+                variant.model.compile()
+            for _ in range(2 if compile_model else 1):
+                train_step(variant, images, labels)
+            _sync(images.device)
+        except Exception as error:  # noqa: BLE001 - report and go on with the others
+            print(f"{variant.name}: left out, its warm-up failed: {type(error).__name__}: "
+                  f"{error}", file=sys.stderr, flush=True)
+            continue
+        if compile_model:
+            print(f"{variant.name}: compiled and warmed up in {time.perf_counter() - start:.1f} s",
+                  flush=True)
+        kept.append(variant)
+    return kept
 
 
 def _sync(device: torch.device) -> None:
@@ -305,9 +336,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="layer suffixes or presets (attn, mlp, all)")
     parser.add_argument("--reps", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                        help=f"{', '.join(SPECIAL)} or registered method names "
+                             f"({', '.join(METHODS)}); default: {' '.join(VARIANTS)}")
     parser.add_argument("--no-rss", action="store_true", help="skip the per-variant RSS runs")
     parser.add_argument("--no-inference", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every variant's model (Inductor; minutes on a CPU)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--rss-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -318,30 +353,37 @@ def main(argv: Optional[list[str]] = None) -> None:
         parser.error("--device cuda given, but CUDA is not available")
     device = torch.device("cuda" if args.device == "cuda" or (
         args.device == "auto" and torch.cuda.is_available()) else "cpu")
-    names = [n for n in args.variants if n != "peft-lora" or peft_available()]
-    if "peft-lora" in args.variants and "peft-lora" not in names:
-        print("peft is not installed: skipping HF PEFT LoRA (pip install 'wegeft-vision[peft]')",
-              file=sys.stderr)
+    names = []
+    for name in dict.fromkeys(args.variants):
+        if name == "peft-lora" and not peft_available():
+            print("peft is not installed: skipping HF PEFT LoRA (pip install "
+                  "'wegeft-vision[peft]')", file=sys.stderr)
+        elif name not in SPECIAL and name not in METHODS:
+            print(f"{name}: not a registered method in this tree, left out (registered: "
+                  f"{', '.join(METHODS)})", file=sys.stderr)
+        else:
+            names.append(name)
 
     variants = [build_variant(name, args, device) for name in names]
     images, labels = _batch(args, device)
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"# {args.model}, batch {args.batch_size}, {args.img_size} px, rank {args.rank}, "
           f"targets {' '.join(args.targets)}, {device.type} ({precision}, "
-          f"{torch.get_num_threads()} threads), {args.reps} interleaved reps, torch "
-          f"{torch.__version__}, timm {timm.__version__}", flush=True)
+          f"{torch.get_num_threads()} threads), {'compiled, ' if args.compile else ''}"
+          f"{args.reps} interleaved reps, torch {torch.__version__}, timm {timm.__version__}",
+          flush=True)
     load = [os.getloadavg()[0]]  # the machine's 1-minute load: was it shared while measured?
+    variants = warm_up(variants, images, labels, compile_model=args.compile)
 
     memory = {v.name: (cuda_peak(v, images, labels) if device.type == "cuda"
                        else saved_bytes(v, images, labels)) for v in variants}
     wall: dict[str, list[float]] = {v.name: [] for v in variants}
     cpu: dict[str, list[float]] = {v.name: [] for v in variants}
-    for rep in range(args.reps + 1):
+    for _ in range(args.reps):
         for variant in variants:
             elapsed = _timed(lambda: train_step(variant, images, labels), device)
-            if rep > 0:  # the first round warms up (allocator, kernels, optimiser state)
-                wall[variant.name].append(elapsed[0])
-                cpu[variant.name].append(elapsed[1])
+            wall[variant.name].append(elapsed[0])
+            cpu[variant.name].append(elapsed[1])
         load.append(os.getloadavg()[0])
     rss = ({} if args.no_rss or device.type == "cuda"
            else {v.name: measure_rss(v.name, args) for v in variants})

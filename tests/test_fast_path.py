@@ -1,11 +1,13 @@
 """The WeGeFT fast path equals the plain form in outputs and every gradient, in every setting.
 
 Float64 comparisons against :func:`wegeft_linear_plain` (the representation form written with plain
-autograd ops); activation memory against the frozen floor; autocast and DDP
-(torch.compile and torch.export: tests/test_compile_export.py).
+autograd ops, what a layer runs with ``fast = False``); activation memory against the frozen floor;
+autocast and DDP (torch.compile and torch.export: tests/test_compile_export.py).
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Optional
 
 import pytest
@@ -14,18 +16,22 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from wegeft_vision import LoRAConfig, WeGeFTConfig, apply_adapter
-from wegeft_vision.adapters import WeGeFTLinear
-from wegeft_vision.adapters import functional
-from wegeft_vision.adapters.functional import (EditSpec, plain_form, saved_activation_bytes,
-                                               use_output_form, wegeft_linear,
-                                               wegeft_linear_plain)
+from wegeft_vision import (LoRAConfig, WeGeFTConfig, apply_adapter, merge_adapter,
+                           remove_adapter, unmerge_adapter)
+from wegeft_vision.adapters import AdaptedLinear, AdapterConfig, WeGeFTLinear
+from wegeft_vision.adapters import kernels
+from wegeft_vision.adapters.kernels import (EditSpec, saved_activation_bytes, use_output_form,
+                                            wegeft_linear, wegeft_linear_plain)
 
-from tests.helpers.models import create_vit, vit_kwargs
+from tests.helpers.models import create_vit, plain_form, vit_kwargs
 
 TOL = 1e-10
-# Tiny ViT: 17 tokens of width 96; batch 6 gives N = 102 tokens, enough for fc2 (96·4 -> 96) to
-# take the output form while qkv, proj and fc1 take the input form (checked below).
+# Tests that need a GPU: marked, so `pytest -m cuda` (scripts/device_check.sh) selects them, and
+# skipped where there is none.
+cuda = pytest.mark.cuda
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# Tiny ViT: 17 tokens of width 96, batch 6 (N = 102 tokens): proj and fc2 take the output form,
+# qkv and fc1 the input form (checked below).
 VIT = vit_kwargs("wide", num_classes=5)
 BATCH = 6
 
@@ -34,8 +40,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def make_vit(config: Optional[WeGeFTConfig], seed: int = 0, dtype=torch.float64) -> nn.Module:
-    model = create_vit("vit_tiny_patch16_224", "wide", dtype=dtype, seed=seed).train()
+def make_vit(config: Optional[AdapterConfig], seed: int = 0, dtype=torch.float64,
+             name: str = "vit_tiny_patch16_224") -> nn.Module:
+    model = create_vit(name, "wide", dtype=dtype, seed=seed).train()
     if config is not None:
         apply_adapter(model, config)
         with torch.no_grad():  # non-zero generators, so every product matters
@@ -55,9 +62,10 @@ def run(model: nn.Module, images: torch.Tensor, plain: bool = False, input_grad:
     """Logits, and the gradients of a fixed loss for the input and every trainable parameter."""
     model.zero_grad(set_to_none=True)
     images = images.detach().requires_grad_(input_grad)
-    with plain_form() if plain else torch.enable_grad():
+    with plain_form(model) if plain else contextlib.nullcontext():
         logits = model(images)
-    weights = torch.linspace(-1.0, 1.0, logits.numel(), dtype=torch.float64).view_as(logits)
+    weights = torch.linspace(-1.0, 1.0, logits.numel(), dtype=torch.float64,
+                             device=logits.device).view_as(logits)
     (logits.double() * weights).sum().backward()
     grads = {"input": images.grad} if input_grad else {}
     # DDP and torch.compile wrap the model; compare by the model's own parameter names.
@@ -76,11 +84,12 @@ def assert_same(fast: tuple, plain: tuple, tol: float = TOL) -> None:
 
 
 def test_tiny_vit_exercises_both_forms() -> None:
-    tokens = BATCH * ((VIT["img_size"] // VIT["patch_size"]) ** 2 + 1)
     d = VIT["embed_dim"]
-    assert use_output_form(tokens, 4 * d, d, whole=True)  # fc2
-    for d_in, d_out in ((d, 3 * d), (d, d), (d, 4 * d)):  # qkv, proj, fc1
-        assert not use_output_form(tokens, d_in, d_out, whole=True)
+    for d_in, d_out in ((4 * d, d), (d, d)):  # fc2, proj
+        assert use_output_form(d_in, d_out, whole=True)
+    for d_in, d_out in ((d, 3 * d), (d, 4 * d)):  # qkv, fc1
+        assert not use_output_form(d_in, d_out, whole=True)
+    assert use_output_form(d, 3 * d, whole=False)  # q/k/v parts
 
 
 @pytest.mark.parametrize("config", [
@@ -108,7 +117,7 @@ def test_training_without_input_gradient_equals_plain_form() -> None:
 
 def test_recompute_in_chunks_equals_plain_form(monkeypatch: pytest.MonkeyPatch) -> None:
     # One sample per chunk, so x is rebuilt and reduced piece by piece.
-    monkeypatch.setattr(functional, "_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(kernels, "_CHUNK_ELEMENTS", 1)
     model = make_vit(WeGeFTConfig(rank=4, targets="all", qkv_parts=("q", "v"), alpha=3.0))
     set_recompute(model, True)
     images = torch.randn(BATCH, 3, 32, 32, dtype=torch.float64)
@@ -138,11 +147,11 @@ def _as_in_another_torch(node: object, change: str) -> object:
 def test_recompute_falls_back_to_saving_x(monkeypatch: pytest.MonkeyPatch, change: str) -> None:
     # Recompute reads private autograd attributes: another PyTorch must cost memory, never a crash
     # or a wrong gradient.
-    recipes = dict(functional._RECIPES)
-    monkeypatch.setattr(functional, "_RECIPES", {
+    recipes = dict(kernels._RECIPES)
+    monkeypatch.setattr(kernels, "_RECIPES", {
         name: (lambda node, x, make=make: make(_as_in_another_torch(node, change), x))
         for name, make in recipes.items()})
-    monkeypatch.setattr(functional, "_RECIPE_WORKS", {}, raising=False)
+    monkeypatch.setattr(kernels, "_RECIPE_WORKS", {})
     model = make_vit(WeGeFTConfig(rank=4, targets="all", qkv_parts=("q", "v"), alpha=2.0))
     images = torch.randn(BATCH, 3, 32, 32, dtype=torch.float64)
     set_recompute(model, True)
@@ -166,6 +175,40 @@ def test_recompute_falls_back_to_saving_x(monkeypatch: pytest.MonkeyPatch, chang
     # Every layer whose recipe failed saves x. (attn.proj's input is a view of what attention
     # saves here, so whether its recipe works changes no byte.)
     assert saved == stored
+
+
+def test_recompute_check_runs_per_device_and_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A recipe checked on float64 vouches for nothing in float32 (nor a CPU check for CUDA bf16):
+    # other kernels save other tensors. Here LayerNorm's recipe reads mean and rstd swapped, in
+    # float32 only; the float64 check passed first.
+    recipes = dict(kernels._RECIPES)
+
+    def layer_norm(node: object, x: torch.Tensor):
+        if x.dtype == torch.float32:
+            node = _as_in_another_torch(node, "redefined")
+        return recipes["NativeLayerNormBackward0"](node, x)
+
+    monkeypatch.setattr(kernels, "_RECIPES", {**recipes, "NativeLayerNormBackward0": layer_norm})
+    monkeypatch.setattr(kernels, "_RECIPE_WORKS", {})
+    config = WeGeFTConfig(rank=4, targets="all")
+    images = torch.randn(BATCH, 3, 32, 32, dtype=torch.float64)
+    model64 = make_vit(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_same(run(model64, images), run(model64, images, plain=True))
+    key = ("NativeLayerNormBackward0", "cpu")
+    assert kernels._RECIPE_WORKS[(*key, torch.float64)] is True
+    model32 = make_vit(config, dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match=r"what NativeLayerNormBackward0 saves in torch "
+                                            r"\S+ on cpu float32 \(the rebuilt input differs"):
+        fast = run(model32, images.float())
+    assert_same(fast, run(model32, images.float(), plain=True), tol=1e-5)
+    assert kernels._RECIPE_WORKS[(*key, torch.float32)] is False
+    assert kernels._RECIPE_WORKS[(*key, torch.float64)] is True  # float64 keeps recomputing
+    params = list(model64.parameters())
+    saved = saved_activation_bytes(model64(images), params)
+    set_recompute(model64, False)
+    assert saved < saved_activation_bytes(model64(images), params)
 
 
 def _layer_case(d_in: int, d_out: int, parts: tuple[Optional[str], ...], scale: float,
@@ -269,12 +312,17 @@ def _hook_bytes(model: nn.Module, images: torch.Tensor) -> int:
     return sum(storages.values())
 
 
+def _frozen_floor(name: str) -> nn.Module:
+    floor = make_vit(None, name=name)
+    for param_name, param in floor.named_parameters():
+        param.requires_grad_(param_name.startswith("head."))  # as in the adapted model
+    return floor
+
+
 def test_recompute_saves_only_h_over_the_floor() -> None:
     """With recompute on, the adapted model saves the frozen model's tensors plus N x r per layer."""
     images = torch.randn(BATCH, 3, 32, 32, dtype=torch.float64, requires_grad=True)
-    floor = make_vit(None)
-    for name, param in floor.named_parameters():
-        param.requires_grad_(name.startswith("head."))  # as in the adapted model
+    floor = _frozen_floor("vit_tiny_patch16_224")
     floor_bytes = saved_activation_bytes(floor(images), list(floor.parameters()))
     assert floor_bytes == _hook_bytes(floor, images)  # the graph walk counts what hooks see
 
@@ -285,7 +333,7 @@ def test_recompute_saves_only_h_over_the_floor() -> None:
     assert len(layers) == 4 * VIT["depth"]
     tokens = BATCH * 17
     h_bytes = len(layers) * tokens * rank * 8
-    with plain_form():
+    with plain_form(model):
         plain_bytes = saved_activation_bytes(model(images), params)
         assert plain_bytes == _hook_bytes(model, images)
     set_recompute(model, False)
@@ -294,6 +342,61 @@ def test_recompute_saves_only_h_over_the_floor() -> None:
     assert saved_activation_bytes(model(images), params) == floor_bytes + h_bytes
     # Under saved-tensor hooks (offloading, checkpointing) recompute stands down: x is saved.
     assert _hook_bytes(model, images) == plain_bytes
+
+
+# Their attention computes qkv as F.linear(x, self.qkv.weight, qkv_bias) unless timm's own
+# switch qkv_bias_separate is on; adapting qkv turns it on, so the layer's forward serves it.
+QKV_BIAS_FAMILIES = ["eva02_tiny_patch14_224", "beit_base_patch16_224"]
+
+
+@pytest.mark.parametrize("name", QKV_BIAS_FAMILIES)
+def test_eva_beit_attention_runs_the_fast_path(name: str, monkeypatch: pytest.MonkeyPatch
+                                               ) -> None:
+    images = torch.randn(BATCH, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    rank = 4
+    model = make_vit(WeGeFTConfig(rank=rank, targets="all"), name=name)
+    attentions = [block.attn for block in model.blocks]
+    assert all(a.qkv_bias_separate and a.q_bias is not None for a in attentions)
+
+    def no_weight(layer: AdaptedLinear) -> torch.Tensor:
+        raise AssertionError("the attention read qkv.weight: W + dW built, the layer bypassed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AdaptedLinear, "weight", property(no_weight))
+        assert_same(run(model, images), run(model, images, plain=True))
+        # Memory as on a ViT: the frozen model's saved tensors plus h (N x r) per layer.
+        floor = _frozen_floor(name)
+        floor_bytes = saved_activation_bytes(floor(images), list(floor.parameters()))
+        layers = [m for m in model.modules() if isinstance(m, WeGeFTLinear)]
+        h_bytes = len(layers) * BATCH * 17 * rank * 8
+        assert saved_activation_bytes(model(images), list(model.parameters())) == (
+            floor_bytes + h_bytes)
+
+
+@pytest.mark.parametrize("unload", [merge_adapter, remove_adapter], ids=["merge", "remove"])
+@pytest.mark.parametrize("name", QKV_BIAS_FAMILIES)
+def test_eva_beit_switch_restored_on_unload(name: str, unload) -> None:
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    plain = make_vit(None, name=name).eval()
+    model = make_vit(LoRAConfig(rank=3, targets="attn.qkv"), name=name).eval()
+    with torch.no_grad():
+        adapted = model(images)
+    merge_adapter(model, unload=False)  # merged in place: the layer still serves qkv
+    assert model.blocks[0].attn.qkv_bias_separate
+    with torch.no_grad():
+        assert rel_err(model(images), adapted) < 1e-12
+    unmerge_adapter(model)
+    unload(model)
+    assert not any(block.attn.qkv_bias_separate for block in model.blocks)
+    assert not any(hasattr(block.attn, "_qkv_bias_separate_before_adapter")
+                   for block in model.blocks)
+    assert list(model.state_dict()) == list(plain.state_dict())  # timm's keys
+    with torch.no_grad():
+        out = model(images)
+    if unload is remove_adapter:
+        assert rel_err(out, plain(images)) < 1e-14
+    else:
+        assert rel_err(out, adapted) < 1e-12
 
 
 def test_wegeft_saves_no_more_than_lora() -> None:
@@ -343,3 +446,34 @@ def test_recompute_config_field() -> None:
     assert WeGeFTConfig().recompute is True
     with pytest.raises(TypeError, match="recompute must be True or False, got 'yes'"):
         WeGeFTConfig(recompute="yes")
+
+
+@cuda
+@needs_cuda
+@pytest.mark.parametrize("config", [
+    WeGeFTConfig(rank=4, targets="all"),
+    WeGeFTConfig(rank=3, targets="all", qkv_parts=("q", "v"), alpha=1.5),
+], ids=["all", "qkv-parts"])
+def test_cuda_fast_path_equals_plain_form(config: WeGeFTConfig) -> None:
+    model = make_vit(config).cuda()
+    images = torch.randn(BATCH, 3, 32, 32, dtype=torch.float64, device="cuda")
+    assert_same(run(model, images), run(model, images, plain=True))
+
+
+@cuda
+@needs_cuda
+def test_cuda_bf16_recompute_checks_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The check that matters on a GPU: CUDA kernels in bf16 autocast, checked there, not vouched
+    # for by a CPU run. Whatever it decides, the gradients stay those of the plain form.
+    monkeypatch.setattr(kernels, "_RECIPE_WORKS", {(n, "cpu", torch.float32): True
+                                                   for n in kernels._RECIPES})
+    model = make_vit(WeGeFTConfig(rank=4, targets="all"), dtype=torch.float32).cuda()
+    images = torch.randn(BATCH, 3, 32, 32, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        fast = run(model, images)
+        plain = run(model, images, plain=True)
+    checked = {key for key in kernels._RECIPE_WORKS if key[1] == "cuda"}
+    assert ("GeluBackward0", "cuda", torch.bfloat16) in checked
+    assert any(key[0] == "NativeLayerNormBackward0" for key in checked)
+    for name, grad in plain[1].items():
+        assert rel_err(fast[1][name].float(), grad.float()) < 0.1, name

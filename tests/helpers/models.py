@@ -1,7 +1,8 @@
 """Tiny timm ViTs at a few named sizes, the only place the test suite defines them."""
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import timm
 import torch
@@ -14,8 +15,8 @@ VIT_SIZES: dict[str, dict[str, Any]] = {
     # The toy training task's backbone (weights files, fits through the CLI): the smallest width
     # that still learns the task in two epochs, which keeps the fits the suite runs short.
     "narrow": dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2),
-    # The fast path: at batch 6 (102 tokens) fc2 (4d -> d) takes the output form while qkv, proj
-    # and fc1 take the input form, so both forms of the kernel run (test_fast_path checks it).
+    # The fast path: qkv and fc1 (d_in < d_out) take the input form of the kernel, proj and fc2
+    # the output form, so both forms run (test_fast_path checks it).
     "wide": dict(img_size=32, patch_size=8, embed_dim=96, depth=2, num_heads=3),
 }
 
@@ -43,3 +44,19 @@ def vit_b16_on_meta(num_classes: int = 100) -> nn.Module:
     """ViT-B/16 (86M parameters) with shapes and no storage, for parameter counts."""
     with torch.device("meta"):
         return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=num_classes)
+
+
+@contextlib.contextmanager
+def plain_form(model: nn.Module) -> Iterator[None]:
+    """Within this context ``model``'s WeGeFT layers run the plain autograd form (``fast =
+    False``): the reference the fast kernel is compared with."""
+    from wegeft_vision.adapters import WeGeFTLinear
+
+    layers = [m for m in model.modules() if isinstance(m, WeGeFTLinear)]
+    for layer in layers:
+        layer.fast = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.fast = True

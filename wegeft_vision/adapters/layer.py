@@ -56,9 +56,10 @@ class AdaptedLinear(AdapterLayer):
     def weight(self) -> torch.Tensor:
         """The effective weight W', differentiable in the edits (the base weight once merged).
 
-        For code that reads ``.weight`` instead of calling the layer (timm's EVA and BEiT
-        attention compute ``F.linear(x, self.qkv.weight, qkv_bias)``): it then trains and merges
-        the same model as the layer's own forward.
+        For code that reads ``.weight`` instead of calling the layer: it then trains and merges
+        the same model as the layer's own forward, at the cost of building W' every step. (timm's
+        EVA, BEiT and Swin-V2 attention would; :func:`.targets.replace_module` switches them to
+        calling the layer.)
         """
         weight = self.base_layer.weight
         return weight if self.merged else self.merged_weight(weight)

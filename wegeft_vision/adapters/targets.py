@@ -30,7 +30,7 @@ from typing import Optional, Sequence, Union
 from torch import nn
 
 from ..errors import UserError, UserTypeError
-from .base import QKV_PARTS
+from .base import QKV_PARTS, AdapterLayer
 
 # The block projection kinds and the layer names (after "blocks.<i>.") each covers.
 BLOCK_LAYERS: dict[str, tuple[str, ...]] = {
@@ -150,7 +150,31 @@ def is_fused_qkv(name: str, layer: nn.Linear) -> bool:
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put ``module`` at the dotted path ``name`` of ``model``."""
+    """Put ``module`` at the dotted path ``name`` of ``model``.
+
+    timm's EVA, BEiT and Swin-V2 attention compute qkv as ``F.linear(x, self.qkv.weight,
+    qkv_bias)``, reading the layer's weight instead of calling it, unless their own switch
+    ``qkv_bias_separate`` is on: then ``self.qkv(x)``, and the q/v biases added after. An adapter
+    layer put at such a ``qkv`` turns the switch on, so that the method's own forward serves the
+    attention (no W + dW built every step, no weight gradient, no copy of x); the plain module put
+    back restores the switch as it was.
+    """
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+    if child == "qkv" and isinstance(getattr(parent, "qkv_bias_separate", None), bool):
+        _route_qkv(parent, adapted=isinstance(module, AdapterLayer))
+
+
+# Where an attention keeps its own qkv_bias_separate while an adapter layer serves its qkv.
+_QKV_SWITCH_BEFORE = "_qkv_bias_separate_before_adapter"
+
+
+def _route_qkv(attention: nn.Module, adapted: bool) -> None:
+    if adapted:
+        if not hasattr(attention, _QKV_SWITCH_BEFORE):
+            setattr(attention, _QKV_SWITCH_BEFORE, attention.qkv_bias_separate)
+        attention.qkv_bias_separate = True
+    elif hasattr(attention, _QKV_SWITCH_BEFORE):
+        attention.qkv_bias_separate = getattr(attention, _QKV_SWITCH_BEFORE)
+        delattr(attention, _QKV_SWITCH_BEFORE)

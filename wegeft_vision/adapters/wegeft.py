@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import UserError, UserTypeError
 from .base import QKV_PARTS, AdapterConfig, check_rank, lora_scale, register_method
-from .functional import EditSpec, plain_form_enabled, wegeft_linear, wegeft_linear_plain
+from .kernels import EditSpec, wegeft_linear, wegeft_linear_plain
 from .layer import AdaptedLinear, Edit, check_rank_fits, inject_linear
 from .targets import Targets, check_parts, expand_targets
 
@@ -74,7 +74,7 @@ class WeGeFTConfig(AdapterConfig):
 
 class WeGeFTGenerator(Edit):
     """The generator (phi, psi), psi: d_in -> r, phi: r -> d_in; the layers apply it through
-    :mod:`.functional` (x -> x + scale·phi(psi(x))), so it holds parameters and merges.
+    :mod:`.kernels` (x -> x + scale·phi(psi(x))), so it holds parameters and merges.
 
     Initialised as the authors' vision code does (savadikarc/gift, gift/modeling_gift.py, which
     builds dW = out_proj(in_proj(W)) row by row): phi = in_proj.weight^T starts U(+-1/sqrt(d_in))
@@ -105,18 +105,20 @@ class WeGeFTGenerator(Edit):
 class WeGeFTLinear(AdaptedLinear):
     """y = W(x + phi(psi(x))) + b, per q/k/v part when the edits are keyed by part.
 
-    Runs the fast path of :mod:`.functional` (the plain autograd form inside
-    :func:`.functional.plain_form`). ``recompute``: rebuild this layer's input in backward from
-    what its producer (LayerNorm, GELU, attention) saved anyway, instead of keeping a copy.
+    ``fast``: compute it with the fast kernel of :mod:`.kernels` (the default), else with the
+    plain autograd form, the reference the tests compare the kernel with. ``recompute``: rebuild
+    this layer's input in backward from what its producer (LayerNorm, GELU, attention) saved
+    anyway, instead of keeping a copy.
     """
 
     def __init__(self, base_layer: nn.Linear, edits: dict[Optional[str], Edit],
-                 recompute: bool = True) -> None:
+                 recompute: bool = True, fast: bool = True) -> None:
         super().__init__(base_layer, edits)
         self.recompute = recompute
+        self.fast = fast
 
     def edit_specs(self) -> list[EditSpec]:
-        """The edits as the functional form takes them, in q, k, v row order."""
+        """The edits as the kernels take them, in q, k, v row order."""
         specs = []
         for part in (None, *QKV_PARTS):
             edit = self.edits.get(part)
@@ -127,7 +129,8 @@ class WeGeFTLinear(AdaptedLinear):
         return specs
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.base_layer.weight, self.base_layer.bias
-        if plain_form_enabled():
-            return wegeft_linear_plain(x, weight, bias, self.edit_specs())
-        return wegeft_linear(x, weight, bias, self.edit_specs(), recompute=self.recompute)
+        # y = W(x + s·phi(psi(x))) + b, each edit on its rows of W: the same formula either way.
+        weight, bias, edits = self.base_layer.weight, self.base_layer.bias, self.edit_specs()
+        if not self.fast:
+            return wegeft_linear_plain(x, weight, bias, edits)
+        return wegeft_linear(x, weight, bias, edits, recompute=self.recompute)

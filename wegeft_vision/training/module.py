@@ -6,6 +6,7 @@ weights proves on loading that the re-created backbone is the one the adapter wa
 """
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..adapters import (AdapterConfig, FullFinetuneConfig, WeGeFTConfig, apply_adapter,
                         count_parameters, frozen_fingerprint, trainable_parameter_names)
 from ..adapters.model import ParameterCount
+from ..errors import UserError
 from .backbone import create_backbone
 from .optim import build_adamw, warmup_cosine
 
@@ -34,6 +36,21 @@ MODEL_PREFIX = "model."
 set_parsing_settings(subclasses_enabled=[AdapterConfig])
 # Hyper-parameters that must agree between a checkpoint and the model it is loaded into.
 IDENTITY_HPARAMS: tuple[str, ...] = ("backbone", "num_classes", "backbone_kwargs", "adapter")
+
+
+def compile_options(compile: bool, kwargs: Optional[dict[str, Any]]
+                    ) -> Optional[dict[str, Any]]:
+    """The ``torch.compile`` options for ``--model.compile`` (None: no compilation), checked."""
+    if not compile:
+        if kwargs:
+            raise UserError("compile_kwargs given, but compile is off: add --model.compile true")
+        return None
+    known = [name for name in inspect.signature(torch.compile).parameters if name != "model"]
+    unknown = sorted(set(kwargs or {}) - set(known))
+    if unknown:
+        raise UserError(f"compile_kwargs: {', '.join(unknown)} is not a torch.compile option "
+                        f"(it takes {', '.join(known)})")
+    return dict(kwargs or {})
 
 
 def eval_data_config(datamodule: Any) -> Optional[dict[str, Any]]:
@@ -77,6 +94,12 @@ class ViTClassifier(L.LightningModule):
         init_seed: seed of the random initialisation when no weights are loaded.
         checkpoint_path: deprecated name of ``weights_path`` (it shadowed the first argument of
             ``load_from_checkpoint``); old checkpoints that store it still load.
+        compile: compile the backbone with ``torch.compile`` for training and evaluation, in
+            place (``nn.Module.compile``: state-dict keys, checkpoints, resume and export are
+            those of the uncompiled model). The first training step and the first evaluation
+            step each pay the compilation (docs/performance.md).
+        compile_kwargs: ``torch.compile`` options, e.g. ``{"mode": "max-autotune"}`` or
+            ``{"backend": "aot_eager"}``.
     """
 
     def __init__(self, backbone: str, num_classes: int,
@@ -85,8 +108,11 @@ class ViTClassifier(L.LightningModule):
                  backbone_kwargs: Optional[dict[str, Any]] = None, drop_path_rate: float = 0.1,
                  label_smoothing: float = 0.0, lr: float = 1e-3, weight_decay: float = 1e-4,
                  warmup_epochs: float = 10.0, warmup_lr: float = 1e-7, min_lr: float = 1e-6,
-                 init_seed: int = 0, checkpoint_path: Optional[str] = None) -> None:
+                 init_seed: int = 0, checkpoint_path: Optional[str] = None,
+                 compile: bool = False, compile_kwargs: Optional[dict[str, Any]] = None) -> None:
         super().__init__()
+        self._compile_options = compile_options(compile, compile_kwargs)
+        self._compiled = False
         if checkpoint_path is not None:
             warnings.warn("ViTClassifier(checkpoint_path=...) is deprecated: the backbone weights "
                           "file is now weights_path (--model.weights_path)", FutureWarning,
@@ -137,6 +163,12 @@ class ViTClassifier(L.LightningModule):
         if self.num_classes > 5:
             metrics["acc_top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")
         return MetricCollection(metrics, prefix=f"{stage}/")
+
+    def configure_model(self) -> None:
+        # Lightning calls this for every fit, validate, test and predict: compile once.
+        if self._compile_options is not None and not self._compiled:
+            self.model.compile(**self._compile_options)
+            self._compiled = True
 
     # Model.
     def forward(self, images: torch.Tensor) -> torch.Tensor:

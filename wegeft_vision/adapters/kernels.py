@@ -1,56 +1,47 @@
-"""The WeGeFT linear layer as functions: the plain form (the reference) and the fast path.
+"""The WeGeFT linear layer's kernels: the plain form (the reference) and the fast path.
 
 Both compute y = W(x + s·phi(psi(x))) + b, edited per q/k/v row block when the edits name rows.
-The plain form is three autograd ops per edit; the fast path is one ``autograd.Function`` that
+The method (:mod:`.wegeft`) says *what* is computed; this module says *how*, and nothing else.
+The plain form, :func:`wegeft_linear_plain`, is three autograd ops per edit: the reference every
+test compares the fast path with. The fast path, :func:`wegeft_linear`, is one
+``autograd.Function`` that
 
 * saves only the layer input (or nothing, see *recompute*) and the r-dim h = psi(x);
-* picks per layer the cheaper of two equal algebraic forms: the *input form*
-  u = x + s·h·phi^T, y = u·W^T + b (one frozen matmul on the edited input, the add fused into
-  ``addmm``), or the *output form* y = x·W^T + b + h·(s·W·phi)^T, a LoRA-like product whose
-  factor B = s·W·phi costs d_out·d_in·r once per step, whatever the batch. The output form wins
-  when d_in > d_out (fc2) at ViT token counts, and serves q/k/v parts without one frozen matmul per
-  part and a ``cat``;
-* in backward never forms dW, fuses the two contributions to dL/dx into one ``addmm``, and skips
-  the frozen d_out x d_in matmul when x needs no gradient.
+* runs each layer in one of two equal algebraic forms, the one whose rank-r "expand" product
+  (inner size r, an output as wide as a layer side) lands on the layer's narrow side: the *input
+  form* u = x + s·h·phi^T, y = u·W^T + b when d_in < d_out (qkv, fc1), the *output form*
+  y = x·W^T + b + h·(s·W·phi)^T, a LoRA-like product whose factor B = s·W·phi costs
+  d_out·d_in·r once per step, when d_out <= d_in (proj, fc2) and for q/k/v parts (one frozen
+  matmul, not one per part and a ``cat``). On a CPU every pass over an N x d activation costs
+  about as much as a rank-16 product, so the narrow side is the cheaper one; see
+  docs/performance.md for the profile (folding the rank-r products into the frozen matmuls by
+  concatenation, [x | h]·[W | B]^T, measured slower: the concatenations are such passes);
+* in backward never forms dW, reads the narrow side for the rank-r products, and skips the frozen
+  d_out x d_in matmul when x needs no gradient.
 
 *Recompute*: the input of an adapted layer is usually a tensor the network keeps anyway in
-another form: fc2's input is GELU(z) and GELU saves z; qkv's and fc1's inputs are LayerNorm
-outputs and LayerNorm saves its input and statistics; attn.proj's input is a reshaped copy of the
+another form: fc2's input is GELU(z) and GELU saves z (in a gated MLP, SwiGLU, it is a product
+whose two factors the product saves); qkv's and fc1's inputs are LayerNorm outputs and LayerNorm
+saves its input and statistics; attn.proj's input is a reshaped copy of the
 attention output, which scaled-dot-product attention saves. With ``recompute=True`` the layer saves
 those tensors (no new memory) and rebuilds x in backward (one elementwise pass). Each recipe is
-checked once against a real x; one that fails (another PyTorch) is switched off: x is saved.
+checked against a real x at its first use on each device type and dtype (their kernels and saved
+tensors differ); one that fails (another PyTorch, another device) is switched off there: x is
+saved.
 
 Without a gradient to compute (``torch.no_grad``, frozen adapters) and under ``torch.export``,
 the same forms run as plain ops, outside the ``autograd.Function``: nothing needs saving, and
-``torch.compile`` / ``torch.export`` trace plain ops. With a symbolic batch the form is the one
-for many tokens, so an exported graph holds no branch on the batch size.
+``torch.compile`` / ``torch.export`` trace plain ops. The form depends on the layer's shape only,
+so a graph with a symbolic batch holds no branch on it.
 """
 from __future__ import annotations
 
-import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-
-_PLAIN = False
-
-
-@contextlib.contextmanager
-def plain_form() -> Iterator[None]:
-    """Within this context WeGeFT layers run the plain autograd form (for tests and benchmarks)."""
-    global _PLAIN
-    previous, _PLAIN = _PLAIN, True
-    try:
-        yield
-    finally:
-        _PLAIN = previous
-
-
-def plain_form_enabled() -> bool:
-    return _PLAIN
 
 
 @dataclass(frozen=True)
@@ -116,6 +107,16 @@ def _gelu_recipe(node: torch.autograd.graph.Node, x: torch.Tensor
     return (lambda z: F.gelu(z, approximate=approximate)), (z,)
 
 
+def _mul_recipe(node: torch.autograd.graph.Node, x: torch.Tensor
+                ) -> Optional[tuple[Rebuild, tuple[torch.Tensor, ...]]]:
+    """x = a * b, both factors saved by the product (a gated MLP: SwiGLU's act(gate) * value)."""
+    a, b = node._saved_self, node._saved_other
+    if a is None or b is None or not all(t.shape == x.shape and t.dtype == x.dtype
+                                         for t in (a, b)):
+        return None
+    return torch.mul, (a, b)
+
+
 def _layer_norm_recipe(node: torch.autograd.graph.Node, x: torch.Tensor
                        ) -> Optional[tuple[Rebuild, tuple[torch.Tensor, ...]]]:
     source, mean, rstd = node._saved_input, node._saved_result1, node._saved_result2
@@ -156,6 +157,7 @@ def _saved_output_recipe(node: torch.autograd.graph.Node, x: torch.Tensor
 
 _RECIPES = {
     "GeluBackward0": _gelu_recipe,
+    "MulBackward0": _mul_recipe,
     "NativeLayerNormBackward0": _layer_norm_recipe,
     "UnsafeViewBackward0": _saved_output_recipe,
     "ViewBackward0": _saved_output_recipe,
@@ -169,24 +171,30 @@ def _saved_tensor_hooks_active() -> bool:
     return top is not None and top(True) is not None
 
 
-# Node type name -> whether its recipe reads this PyTorch's saved tensors correctly. The recipes
-# read private attributes (_saved_self, _saved_result1, ...); a PyTorch that renames or
-# redefines them must cost memory (x is saved), never a crash or a wrong gradient.
-_RECIPE_WORKS: dict[str, bool] = {}
+# (node type name, device type, dtype) -> whether the recipe reads what that node saved there
+# correctly. The recipes read private attributes (_saved_self, _saved_result1, ...), and what a
+# node saves depends on the kernel that ran (a CUDA bf16 LayerNorm is not the CPU float32 one): a
+# check passed on one device and dtype vouches for nothing on another. A failed check must cost
+# memory (x is saved), never a crash or a wrong gradient.
+RecipeKey = tuple[str, str, torch.dtype]
+_RECIPE_WORKS: dict[RecipeKey, bool] = {}
 
 
-def _recipe_unusable(name: str, reason: str) -> None:
-    _RECIPE_WORKS[name] = False
+def _recipe_unusable(key: RecipeKey, reason: str) -> None:
+    _RECIPE_WORKS[key] = False
+    name, device, dtype = key
     warnings.warn(f"WeGeFT recompute: cannot rebuild a layer input from what {name} saves in "
-                  f"torch {torch.__version__} ({reason}); those layers save their input instead",
-                  RuntimeWarning, stacklevel=3)
+                  f"torch {torch.__version__} on {device} {str(dtype).removeprefix('torch.')} "
+                  f"({reason}); those layers save their input instead", RuntimeWarning,
+                  stacklevel=3)
 
 
 def input_recipe(x: torch.Tensor) -> Optional[tuple[Rebuild, tuple[torch.Tensor, ...]]]:
     """How to rebuild ``x`` in backward from tensors its producer already saved, if known.
 
-    The first use of each recipe rebuilds x in full and compares it with x; a recipe that fails
-    to read the node or rebuilds something else is switched off for the process, with a warning.
+    The first use of each recipe on each (device type, dtype) rebuilds x in full and compares it
+    with x; a recipe that fails to read the node or rebuilds something else is switched off for
+    that device type and dtype, for the process, with a warning.
     """
     # Compiled graphs have no grad_fn to read; the compiler's partitioner recomputes by itself.
     if torch.compiler.is_compiling() or _saved_tensor_hooks_active():
@@ -196,11 +204,12 @@ def input_recipe(x: torch.Tensor) -> Optional[tuple[Rebuild, tuple[torch.Tensor,
         return None
     name = type(node).__name__
     make = _RECIPES.get(name)
-    if make is None or _RECIPE_WORKS.get(name) is False:
+    key = (name, x.device.type, x.dtype)
+    if make is None or _RECIPE_WORKS.get(key) is False:
         return None
     try:
         recipe = make(node, x)
-        if recipe is None or name in _RECIPE_WORKS:
+        if recipe is None or key in _RECIPE_WORKS:
             return recipe
         with torch.no_grad():
             acc = torch.promote_types(x.dtype, torch.float32)
@@ -210,12 +219,12 @@ def input_recipe(x: torch.Tensor) -> Optional[tuple[Rebuild, tuple[torch.Tensor,
             works = rebuilt.shape == x.shape and bool(
                 ((rebuilt - target).norm() <= tol * target.norm()).item())
     except Exception as error:  # noqa: BLE001 - any failure reading autograd internals
-        _recipe_unusable(name, f"{type(error).__name__}: {error}")
+        _recipe_unusable(key, f"{type(error).__name__}: {error}")
         return None
     if not works:
-        _recipe_unusable(name, "the rebuilt input differs from the input")
+        _recipe_unusable(key, "the rebuilt input differs from the input")
         return None
-    _RECIPE_WORKS[name] = True
+    _RECIPE_WORKS[key] = True
     return recipe
 
 
@@ -225,19 +234,18 @@ def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
     return t if scale == 1.0 else t * scale
 
 
-def use_output_form(tokens: Optional[int], d_in: int, d_out: int, whole: bool) -> bool:
-    """Whether y = xW^T + b + h(sW·phi)^T costs fewer multiply-adds than the input form.
+def use_output_form(d_in: int, d_out: int, whole: bool) -> bool:
+    """Whether a layer runs the output form y = xW^T + b + h(sW·phi)^T, else the input form.
 
-    Input form: 6·N·r·d_in; output form: 3·N·r·(d_in + d_out) + 2·d_in·d_out·r (r cancels). Row
-    blocks (q/k/v parts) always take the output form: it needs one frozen matmul, not one per part.
-    ``tokens`` None (a symbolic batch, as in ``torch.export``): the choice for many tokens, where
-    B's one-off cost vanishes, so the graph has no branch on the batch size.
+    Both forms do the same multiply-adds but for B = sW·phi (d_out·d_in·r, once per step); they
+    differ in which side of the layer their rank-r expand product and dL/dphi pass over: N x d_in
+    for the input form, N x d_out for the output form. Profiled on CPU, each such pass costs about
+    as much as a rank-16 product, so the narrow side wins; at d_in = d_out the output form also
+    saves the copy that u = x + s·h·phi^T is. Row blocks (q/k/v parts) always take the output
+    form: one frozen matmul, not one per part. The choice depends on the shape only, so a graph
+    traced with a symbolic batch holds no branch on it.
     """
-    if not whole:
-        return True
-    if tokens is None:
-        return d_in > d_out
-    return 3 * tokens * (d_in + d_out) + 2 * d_in * d_out < 6 * tokens * d_in
+    return not whole or d_out <= d_in
 
 
 # Per edit, as the Function takes it: (scale s, output rows or None for all, rank).
@@ -291,7 +299,10 @@ class _WeGeFTLinearFunction(torch.autograd.Function):
         ctx.meta = (layout, output_form, x.dtype, x.shape[-1],
                     None if recipe is None else recipe[0], device_type,
                     torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        # Not a view (``reshape`` would be one): autograd forbids in-place ops on a view made
+        # inside a custom Function, and EVA's and BEiT's attention add their q/v biases to this
+        # output in place (see AdaptedLinear's qkv handling).
+        return torch.ops.aten._unsafe_view(y, (*x.shape[:-1], weight.shape[0]))
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
@@ -303,24 +314,27 @@ class _WeGeFTLinearFunction(torch.autograd.Function):
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast):
             g = grad_y.reshape(-1, grad_y.shape[-1])
             grad_phis, gh_parts = [], []
-            grad_x = torch.mm(g, weight) if need_x else None
+            # The input form needs dL/du = g·W first; the output form adds g·W last (below).
+            grad_x = torch.mm(g, weight) if need_x and not output_form else None
             offset = 0
             for scale, rw, rank in layout:
                 h_i, phi_i = h[:, offset:offset + rank], phi[:, offset:offset + rank]
                 offset += rank
                 w_rows = weight if rw is None else weight[rw[0]:rw[1]]
                 g_rows = g if rw is None else g[:, rw[0]:rw[1]]
+                # The reductions over N are written as h^T·G (r x d): MKL runs that orientation
+                # up to twice as fast as G^T·h (d x r) at these shapes.
                 if grad_x is not None and not output_form:
                     # Input form with dL/du = g·W at hand (needed for dL/dx anyway).
                     gh = _scaled(torch.mm(grad_x, phi_i), scale)
                     if need_phi:
-                        grad_phis.append(_scaled(torch.mm(grad_x.t(), h_i), scale))
+                        grad_phis.append(_scaled(torch.mm(h_i.t(), grad_x), scale).t())
                 else:
                     # Never form g·W_rows (N x d_in): go through d_out_rows x r products.
                     gh = torch.mm(g_rows, _scaled(torch.mm(w_rows, phi_i), scale))
                     if need_phi:
                         grad_phis.append(_scaled(
-                            torch.mm(w_rows.t(), torch.mm(g_rows.t(), h_i)), scale))
+                            torch.mm(w_rows.t(), torch.mm(h_i.t(), g_rows).t()), scale))
                 gh_parts.append(gh)
             gh_all = gh_parts[0] if len(gh_parts) == 1 else torch.cat(gh_parts, dim=1)
             if need_psi:
@@ -329,10 +343,15 @@ class _WeGeFTLinearFunction(torch.autograd.Function):
             if need_phi:
                 grad_phi = grad_phis[0] if len(grad_phis) == 1 else torch.cat(grad_phis, dim=1)
                 grad_phi = grad_phi.to(phi.dtype)
+            # In place, in this function's own buffer (factors cast by hand: in-place ops are
+            # outside autocast).
             if grad_x is not None:
-                # In place: g·W is this function's own buffer (psi cast by hand: in-place ops
-                # are outside autocast).
                 grad_x.addmm_(gh_all.to(grad_x.dtype), psi.to(grad_x.dtype))
+            elif need_x:
+                # The rank-r term first, then g·W accumulated onto it by the frozen matmul
+                # itself: one pass less over the wide N x d_in (fc2's 4d) than adding after.
+                grad_x = torch.mm(gh_all, psi)
+                grad_x.addmm_(g.to(grad_x.dtype), weight.to(grad_x.dtype))
         if grad_x is not None:
             grad_x = grad_x.to(x_dtype).reshape(*grad_y.shape[:-1], d_in)
         return grad_x, None, None, grad_psi, grad_phi, None, None, None
@@ -366,7 +385,7 @@ def wegeft_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     Args:
         edits: one whole-layer edit (``rows=None``) or disjoint row-block edits.
         recompute: rebuild x in backward from what its producer saved (see the module docstring).
-        output_form: force the form (tests); None picks the cheaper one.
+        output_form: force the form (tests); None: by the layer's shape (:func:`use_output_form`).
 
     A trainable frozen weight or bias (not how adapters are used) falls back to the plain form,
     whose autograd also gives W its gradient.
@@ -377,11 +396,7 @@ def wegeft_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if not whole and any(e.rows is None for e in edits):
         raise ValueError("a whole-layer edit cannot be combined with row-block edits")
     if output_form is None:
-        tokens = x.numel() // max(x.shape[-1], 1)
-        # A SymInt (dynamic batch under export or compile): comparing it would guard on, or
-        # fail export for, the batch size.
-        output_form = use_output_form(tokens if isinstance(tokens, int) else None,
-                                      weight.shape[1], weight.shape[0], whole)
+        output_form = use_output_form(weight.shape[1], weight.shape[0], whole)
     elif not output_form and not whole:
         raise ValueError("row-block (q/k/v part) edits need the output form")
     psi = edits[0].psi if len(edits) == 1 else torch.cat([e.psi for e in edits])
