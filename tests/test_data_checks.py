@@ -2,13 +2,18 @@
 paths leaving the task folder, symlink loops, unreadable images."""
 from __future__ import annotations
 
+import json
+import re
+import threading
 from pathlib import Path
 
 import pytest
 
-from _data_helpers import make_fewshot, make_fgvc, make_image_folder, make_vtab_task
+from _data_helpers import (make_fewshot, make_fgvc, make_image_folder, make_vtab_task,
+                           write_image)
 from wegeft_vision.data import (FewShotDataModule, FGVCDataModule, ImageFolderDataModule,
                                 VTAB1kDataModule)
+from wegeft_vision.data.readers import image_files
 from wegeft_vision.errors import MissingFileError, UserError
 
 COMMON = {"image_size": 16, "batch_size": 4, "num_workers": 0}
@@ -53,3 +58,103 @@ def test_split_files_errors(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"unknown split\(s\) 'predict'; expected some of train, "
                        "val, test"):
         dm.split_files(("train", "predict"))
+
+
+def listed_within(deadline_s: float, function, *args):
+    """``function(*args)``, run in a daemon thread so that a walk that never ends fails the test
+    (the old listing of two symlink loops) instead of hanging the suite."""
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("value", function(*args)),
+                              daemon=True)
+    thread.start()
+    thread.join(deadline_s)
+    assert not thread.is_alive(), f"listing did not finish within {deadline_s} s (a loop?)"
+    return result["value"]
+
+
+def loops(folder: Path, count: int) -> None:
+    """``count`` symlinks in ``folder``'s sub-folders back to ``folder`` itself and its parent."""
+    (folder / "a" / "up").symlink_to("..", target_is_directory=True)
+    if count > 1:
+        (folder / "b" / "deeper" / "top").symlink_to("../../..", target_is_directory=True)
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_predict_root_with_symlink_loops_lists_each_image_once(tmp_path: Path,
+                                                               count: int) -> None:
+    new = tmp_path / "new"
+    write_image(new / "a/1.png", 1)
+    write_image(new / "b/deeper/2.png", 2)
+    write_image(tmp_path / "outside.png", 3)  # in the folder holding predict_root
+    loops(new, count)
+    make_vtab_task(tmp_path / "vtab", "toy", VTAB_LABELS)
+    dm = VTAB1kDataModule(tmp_path / "vtab", "toy", predict_root=new, **COMMON)
+    listed_within(60, dm.setup, "predict")
+    assert [s.path for s in dm.datasets["predict"].samples] == [new / "a/1.png",
+                                                                new / "b/deeper/2.png"]
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_image_folder_with_symlink_loops_reads_each_image_once(tmp_path: Path,
+                                                               count: int) -> None:
+    root = make_image_folder(tmp_path / "tree", {"train": {"cat": 2, "dog": 3, "eel": 1},
+                                                 "val": {"cat": 1}})
+    train = root / "train"
+    (train / "cat" / "loop").symlink_to("..", target_is_directory=True)  # to train/ itself
+    if count > 1:
+        (train / "dog" / "sub").mkdir()
+        (train / "dog" / "sub" / "home").symlink_to("../../..", target_is_directory=True)
+        (train / "eel" / "dogs").symlink_to("../dog", target_is_directory=True)
+    dm = ImageFolderDataModule(root, **COMMON)
+    listed_within(60, dm.setup, "fit")
+    samples = dm.datasets["train"].samples
+    assert [(s.path.relative_to(train), s.label) for s in samples] == [
+        (Path("cat/0.png"), 0), (Path("cat/1.png"), 0), (Path("dog/0.png"), 1),
+        (Path("dog/1.png"), 1), (Path("dog/2.png"), 1), (Path("eel/0.png"), 2)]
+
+
+def test_a_symlink_to_a_folder_elsewhere_is_followed_once(tmp_path: Path) -> None:
+    write_image(tmp_path / "pool/x.png", 1)
+    write_image(tmp_path / "new/real/y.png", 2)
+    (tmp_path / "new/0link").symlink_to(tmp_path / "pool", target_is_directory=True)
+    (tmp_path / "new/real/again").symlink_to(tmp_path / "pool", target_is_directory=True)
+    (tmp_path / "new/1link").symlink_to(tmp_path / "new/real", target_is_directory=True)
+    (tmp_path / "new/broken").symlink_to(tmp_path / "nowhere", target_is_directory=True)
+    # The real folder keeps its own path; the folder outside comes in under the first link.
+    assert image_files(tmp_path / "new") == [tmp_path / "new/0link/x.png",
+                                             tmp_path / "new/real/y.png"]
+
+
+@pytest.mark.parametrize("line", ["/etc/passwd 0", "../other/images/0.jpg 1",
+                                  "images/../../x.jpg 1", "images/a/../../.. 0"])
+def test_a_list_line_leaving_the_task_folder_is_refused(tmp_path: Path, line: str) -> None:
+    task = make_vtab_task(tmp_path, "toy", VTAB_LABELS)
+    with (task / "train800.txt").open("a") as handle:
+        handle.write(f"\n{line}\n")
+    dm = VTAB1kDataModule(tmp_path, "toy", split="train800", num_classes=3, **COMMON)
+    path = line.rsplit(maxsplit=1)[0]
+    with pytest.raises(UserError, match=re.escape(
+            f"{task / 'train800.txt'}, line 5: image path {path!r} leaves the image folder "
+            f"{task} (absolute, or '..' above it); paths must be relative to it")):
+        dm.setup("fit")
+
+
+def test_paths_that_stay_inside_are_read(tmp_path: Path) -> None:
+    task = make_vtab_task(tmp_path, "toy", VTAB_LABELS)
+    (task / "train800.txt").write_text("images/val200/../train800/000001.jpg 1\n")
+    dm = VTAB1kDataModule(tmp_path, "toy", split="train800", num_classes=3, **COMMON)
+    dm.setup("fit")
+    assert [s.path for s in dm.datasets["train"].samples] == [
+        task / "images/val200/../train800/000001.jpg"]
+
+
+def test_a_json_key_leaving_the_image_folder_is_refused(tmp_path: Path) -> None:
+    labels = {"train": {f"{c}.jpg": c for c in range(1, 103)}, "val": {"1.jpg": 1},
+              "test": {"1.jpg": 1}}
+    flowers = make_fgvc(tmp_path / "data" / "OxfordFlowers", ".", labels)
+    (flowers / "test.json").write_text(json.dumps({"1.jpg": 1, "../../secret.jpg": 2}))
+    dm = FGVCDataModule(flowers, "OxfordFlowers", **COMMON)
+    with pytest.raises(UserError, match=re.escape(
+            f"{flowers / 'test.json'}, key '../../secret.jpg': image path '../../secret.jpg' "
+            f"leaves the image folder {flowers} (absolute")):
+        dm.setup("test")
