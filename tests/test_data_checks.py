@@ -11,8 +11,8 @@ import pytest
 
 from _data_helpers import (make_fewshot, make_fgvc, make_image_folder, make_vtab_task,
                            write_image)
-from wegeft_vision.data import (FewShotDataModule, FGVCDataModule, ImageFolderDataModule,
-                                VTAB1kDataModule)
+from wegeft_vision.data import (FewShotDataModule, FGVCDataModule, ImageDecodeError,
+                                ImageFolderDataModule, VTAB1kDataModule)
 from wegeft_vision.data.readers import image_files
 from wegeft_vision.errors import MissingFileError, UserError
 
@@ -158,3 +158,36 @@ def test_a_json_key_leaving_the_image_folder_is_refused(tmp_path: Path) -> None:
             f"{flowers / 'test.json'}, key '../../secret.jpg': image path '../../secret.jpg' "
             f"leaves the image folder {flowers} (absolute")):
         dm.setup("test")
+
+
+def test_fit_with_test_after_fit_checks_the_test_images_before_training(tmp_path: Path) -> None:
+    from _training_helpers import make_backbone_file, make_toy_task, write_config
+    from wegeft_vision.cli import cli_main
+
+    task = make_toy_task(tmp_path / "data")
+    config = write_config(tmp_path / "fit.yaml", tmp_path / "data",
+                          make_backbone_file(tmp_path / "backbone.safetensors"), tmp_path / "logs")
+    broken = task / "images/test/000003.png"
+    broken.write_bytes(b"corrupt")
+    with pytest.raises(ImageDecodeError, match=re.escape(
+            f"VTAB-1k task 'toy', test split: 1 of 8 image files cannot be read: {broken} "
+            f"({task / 'test.txt'}, line 4): not an image file PIL can identify")):
+        cli_main(["fit", "--config", str(config), "--test_after_fit", "true"])
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))  # no epoch was trained
+    # Without a test after the fit, the test split is not read.
+    cli = cli_main(["fit", "--config", str(config), "--trainer.max_epochs", "1"])
+    assert set(cli.datamodule.datasets) == {"train", "val"}
+
+
+def test_check_images_false_checks_only_that_the_files_exist(tmp_path: Path) -> None:
+    task = make_vtab_task(tmp_path, "toy", VTAB_LABELS)
+    (task / "images/train800/000001.jpg").write_bytes(b"corrupt")
+    dm = VTAB1kDataModule(tmp_path, "toy", split="train800", check_images=False, cache=False,
+                          **COMMON)
+    dm.setup("fit")
+    with pytest.raises(ImageDecodeError, match="000001.jpg: cannot identify image file"):
+        dm.datasets["train"][1]
+    (task / "images/val200/000000.jpg").unlink()
+    with pytest.raises(MissingFileError, match="val split: 1 of 1 image files do not exist"):
+        VTAB1kDataModule(tmp_path, "toy", split="train800", check_images=False,
+                         **COMMON).setup("fit")
