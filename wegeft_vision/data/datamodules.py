@@ -130,7 +130,7 @@ class ImageDataModule(L.LightningDataModule):
             the predictions is marked (``PredictionWriter``).
         check_images: ``setup()`` checks every image file of the splits it sets up before any
             is decoded: that it exists, is not empty and has an image header PIL identifies
-            (about 20 us a file from the page cache). False checks only that the files exist
+            (about 25 us a file from the page cache). False checks only that the files exist
             (for slow storage); corrupt files then fail when read.
     """
 
