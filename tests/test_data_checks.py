@@ -13,7 +13,8 @@ from _data_helpers import (make_fewshot, make_fgvc, make_image_folder, make_vtab
                            write_image)
 from wegeft_vision.data import (FewShotDataModule, FGVCDataModule, ImageDecodeError,
                                 ImageFolderDataModule, VTAB1kDataModule)
-from wegeft_vision.data.readers import image_files
+from wegeft_vision.data.datasets import UNREADABLE
+from wegeft_vision.data.readers import NO_LABEL, image_files
 from wegeft_vision.errors import MissingFileError, UserError
 
 COMMON = {"image_size": 16, "batch_size": 4, "num_workers": 0}
@@ -191,3 +192,17 @@ def test_check_images_false_checks_only_that_the_files_exist(tmp_path: Path) -> 
     with pytest.raises(MissingFileError, match="val split: 1 of 1 image files do not exist"):
         VTAB1kDataModule(tmp_path, "toy", split="train800", check_images=False,
                          **COMMON).setup("fit")
+
+
+@pytest.mark.parametrize("cache", [None, True])
+def test_an_unreadable_new_image_is_marked_in_its_batch(tmp_path: Path, cache) -> None:
+    make_vtab_task(tmp_path / "vtab", "toy", VTAB_LABELS)
+    new = tmp_path / "new"
+    write_image(new / "0.png", 1)
+    (new / "1.png").write_bytes(b"not an image")
+    (new / "2.png").symlink_to(tmp_path / "gone.png")  # a broken link
+    dm = VTAB1kDataModule(tmp_path / "vtab", "toy", predict_root=new, cache=cache, **COMMON)
+    dm.setup("predict")  # new images are not checked up front: the others must be predicted
+    images, labels = next(iter(dm.predict_dataloader()))
+    assert labels.tolist() == [NO_LABEL, UNREADABLE, UNREADABLE]
+    assert images.shape == (3, 3, 16, 16)

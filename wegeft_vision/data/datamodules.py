@@ -120,7 +120,8 @@ class ImageDataModule(L.LightningDataModule):
             backbone's.
         cache: keep decoded, resized images of the splits without augmentation in memory.
             None caches the train and val splits while they fit in ``cache_budget_gb``; True
-            caches every split without augmentation; False caches nothing.
+            caches every split without augmentation but ``predict_root``'s; False caches
+            nothing.
         pin_memory: pin batches in page-locked memory; None pins when CUDA is available.
         cache_budget_gb: memory the automatic cache may use, in GiB.
         predict_root: a folder of new images to classify: ``predict`` then reads every image
@@ -271,7 +272,9 @@ class ImageDataModule(L.LightningDataModule):
 
     def _should_cache(self, split: str) -> bool:
         dataset = self.datasets[split]
-        if self.cache is False or dataset.transform.augments:
+        # New images are read once, and decoding them all up front would stop at the first
+        # that cannot be read instead of marking its row.
+        if self.cache is False or dataset.transform.augments or split == "predict":
             return False
         if self.cache:
             return True
