@@ -81,9 +81,9 @@ def registered_or_custom_folder(root: Path, name: str, entry: Optional[VTABTask 
         return folder
     if entry is None:
         raise UserError(f"unknown {what} {name!r}{did_you_mean(name, list(table))} and no "
-                         f"folder {root / name} for a custom one; {root} holds: {listing(root)}")
+                        f"folder {root / name} for a custom one; {root} holds: {listing(root)}")
     raise MissingFileError(f"no folder for {what} {name!r} under {root} (tried: "
-                            f"{', '.join(names)}); {root} holds: {listing(root)}")
+                           f"{', '.join(names)}); {root} holds: {listing(root)}")
 
 
 def resolve_num_classes(num_classes: Optional[int], entry: Optional[VTABTask | FewShotDataset],
@@ -94,7 +94,7 @@ def resolve_num_classes(num_classes: Optional[int], entry: Optional[VTABTask | F
         return num_classes if num_classes is not None else infer()
     if num_classes is not None and num_classes != entry.num_classes:
         raise UserError(f"num_classes={num_classes} contradicts {description}, which has "
-                         f"{entry.num_classes} classes; leave num_classes unset")
+                        f"{entry.num_classes} classes; leave num_classes unset")
     return entry.num_classes
 
 
@@ -266,8 +266,8 @@ class ImageDataModule(L.LightningDataModule):
         files = image_files(folder)
         if not files:
             raise UserError(f"predict_root {folder} holds no images with extensions "
-                             f"{IMAGE_EXTENSIONS} (hidden files and folders are skipped); it "
-                             f"holds: {listing(folder)}")
+                            f"{IMAGE_EXTENSIONS} (hidden files and folders are skipped); it "
+                            f"holds: {listing(folder)}")
         return [Sample(path, NO_LABEL, f"predict_root {folder}") for path in files]
 
     def _should_cache(self, split: str) -> bool:
@@ -346,7 +346,7 @@ class VTAB1kDataModule(ImageDataModule):
                  num_classes: Optional[int] = None, **common) -> None:
         if not isinstance(split, str) or not split or split in ("val200", "test"):
             raise UserError(f"split names the training list, e.g. 'train800' or "
-                             f"'train800val200'; got {split!r}")
+                            f"'train800val200'; got {split!r}")
         super().__init__(root, **common)
         self.split = split
         self.task_info = find(task, VTAB_TASKS)
@@ -418,8 +418,8 @@ class FGVCDataModule(ImageDataModule):
         folder = find_folder(self.root, spellings(self.info))
         if folder is None:
             raise MissingFileError(f"{self.root} holds neither train.json nor a folder for "
-                                    f"{self.description} (tried: {', '.join(spellings(self.info))}"
-                                    f"); it holds: {listing(self.root)}")
+                                   f"{self.description} (tried: {', '.join(spellings(self.info))}"
+                                   f"); it holds: {listing(self.root)}")
         return folder
 
     def _json_split(self, folder: Path, name: str) -> list[Sample]:
@@ -428,7 +428,7 @@ class FGVCDataModule(ImageDataModule):
             mapping = build_label_mapping(list(read_json_labels(train_json).values()))
             if len(mapping) != self.num_classes:
                 raise UserError(f"{train_json}: {len(mapping)} distinct labels, but "
-                                 f"{self.description} has {self.num_classes} classes")
+                                f"{self.description} has {self.num_classes} classes")
             self.label_mapping = mapping
         path = folder / f"{name}.json"
         image_dir = require_dir(folder / self.info.image_dir, f"{self.description} image folder")
@@ -540,7 +540,7 @@ class ImageFolderDataModule(ImageDataModule):
         self.class_names = class_folders(train)
         if not self.class_names:
             raise UserError(f"ImageFolder train folder {train} holds no class folders; it "
-                             f"holds: {listing(train)}")
+                            f"holds: {listing(train)}")
         self.class_to_idx = {name: index for index, name in enumerate(self.class_names)}
         self.num_classes = len(self.class_names)
 
@@ -556,7 +556,7 @@ class ImageFolderDataModule(ImageDataModule):
         empty = [name for name, paths in files.items() if not paths]
         if split == "train" and empty:
             raise UserError(f"{folder}: class folder(s) {', '.join(empty)} hold no images with "
-                             f"extensions {IMAGE_EXTENSIONS}")
+                            f"extensions {IMAGE_EXTENSIONS}")
         samples = [Sample(path, self.class_to_idx[name], str(folder))
                    for name, paths in files.items() for path in paths]
         if not samples:

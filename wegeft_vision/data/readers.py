@@ -71,7 +71,7 @@ def read_list_file(path: Path, image_dir: Path, num_classes: Optional[int] = Non
             label = int(label_text)
         except ValueError:
             raise UserError(f"{where}: label {label_text!r} is not an integer "
-                             f"(line {line!r})") from None
+                            f"(line {line!r})") from None
         if label < 0 or (num_classes is not None and label >= num_classes):
             limit = "" if num_classes is None else \
                 f" for {num_classes} classes (0..{num_classes - 1})"
@@ -104,13 +104,13 @@ def read_json_labels(path: Path) -> dict[str, RawLabel]:
         raise UserError(f"{path}: {exc}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a json object {{\"path\": label}}, "
-                         f"got {type(data).__name__}")
+                        f"got {type(data).__name__}")
     if not data:
         raise UserError(f"json file {path} holds no samples")
     for key, label in data.items():
         if isinstance(label, bool) or not isinstance(label, (int, str)):
             raise UserError(f"{path}: key {key!r} has label {label!r}; labels must be ints or "
-                             "strings")
+                            "strings")
     return data  # type: ignore[return-value]
 
 
@@ -135,7 +135,7 @@ def json_samples(path: Path, labels: dict[str, RawLabel], mapping: dict[RawLabel
     if unknown:
         shown = ", ".join(f"{key!r}: {raw!r}" for key, raw in unknown[:MAX_SHOWN])
         raise UserError(f"{path}: {len(unknown)} label(s) do not occur in {mapping_source} "
-                         f"(the label mapping is built from it): {shown}")
+                        f"(the label mapping is built from it): {shown}")
     return [Sample(inside(image_dir, key, f"{path}, key {key!r}"), mapping[raw],
                    f"{path}, key {key!r}") for key, raw in labels.items()]
 

@@ -78,7 +78,7 @@ def backbone_data_config(backbone: Optional[str] = None, image_size: Optional[in
     if backbone is not None:
         if not timm.is_model(backbone):
             raise UserError(f"unknown timm model {backbone!r}"
-                             f"{did_you_mean(backbone, timm.list_models())}")
+                            f"{did_you_mean(backbone, timm.list_models())}")
         cfg = timm.models.get_pretrained_cfg(backbone)
         pretrained_cfg = None if cfg is None else cfg.to_dict()
     optional_int(image_size, "image_size", 1)
@@ -145,7 +145,7 @@ def timm_eval_config(config: DataConfig, transform: SplitTransform) -> dict[str,
     height, width = config.input_size
     if transform.crop_mode == "center" and height != width:
         raise UserError(f"timm's centre crop resizes a non-square input size {height}x{width} "
-                         "differently from ours; use a square image_size")
+                        "differently from ours; use a square image_size")
     return {"input_size": (3, height, width), "mean": config.mean, "std": config.std,
             "interpolation": config.interpolation, "crop_pct": transform.crop_pct,
             "crop_mode": transform.crop_mode}
