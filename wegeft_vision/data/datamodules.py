@@ -191,8 +191,9 @@ class ImageDataModule(L.LightningDataModule):
         label mapping comes from it), the split's json file, and ``val.json`` for the training
         split under ``use_val_for_train``. A folder tree (``ImageFolderDataModule``) has no such
         files: its data is the tree itself, and the result is ``[]``. ``predict_root`` is not
-        a split. Two datamodules whose files are equal byte for byte (and whose image files
-        are) read the same samples with the same labels.
+        a split. Two datamodules of one class and arguments whose files are equal byte for byte
+        (and whose image files are) read the same images, by path relative to the data
+        folder, with the same labels. A subclass provides ``_split_files(split)``.
 
         Raises:
             UserError: a name in ``splits`` other than "train", "val", "test".
