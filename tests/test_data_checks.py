@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from _data_helpers import (make_fewshot, make_fgvc, make_image_folder, make_vtab_task,
-                           write_image)
+from tests.helpers.data import (make_fewshot, make_fgvc, make_image_folder, make_vtab_task,
+                                write_image)
 from wegeft_vision.data import (FewShotDataModule, FGVCDataModule, ImageDecodeError,
                                 ImageFolderDataModule, VTAB1kDataModule)
 from wegeft_vision.data.datasets import UNREADABLE
@@ -162,7 +162,7 @@ def test_a_json_key_leaving_the_image_folder_is_refused(tmp_path: Path) -> None:
 
 
 def test_fit_with_test_after_fit_checks_the_test_images_before_training(tmp_path: Path) -> None:
-    from _training_helpers import make_backbone_file, make_toy_task, write_config
+    from tests.helpers.training import make_backbone_file, make_toy_task, write_config
     from wegeft_vision.cli import cli_main
 
     task = make_toy_task(tmp_path / "data")
