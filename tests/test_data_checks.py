@@ -161,20 +161,30 @@ def test_a_json_key_leaving_the_image_folder_is_refused(tmp_path: Path) -> None:
         dm.setup("test")
 
 
-def test_fit_with_test_after_fit_checks_the_test_images_before_training(tmp_path: Path) -> None:
+def test_fit_with_test_after_fit_checks_the_test_images_before_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     from tests.helpers.training import make_backbone_file, make_toy_task, write_config
-    from wegeft_vision.cli import cli_main
+    from wegeft_vision.cli import cli_main, main
 
     task = make_toy_task(tmp_path / "data")
     config = write_config(tmp_path / "fit.yaml", tmp_path / "data",
                           make_backbone_file(tmp_path / "backbone.safetensors"), tmp_path / "logs")
     broken = task / "images/test/000003.png"
     broken.write_bytes(b"corrupt")
-    with pytest.raises(ImageDecodeError, match=re.escape(
-            f"VTAB-1k task 'toy', test split: 1 of 8 image files cannot be read: {broken} "
-            f"({task / 'test.txt'}, line 4): not an image file PIL can identify")):
+    message = (f"VTAB-1k task 'toy', test split: 1 of 8 image files cannot be read: {broken} "
+               f"({task / 'test.txt'}, line 4): not an image file PIL can identify")
+    with pytest.raises(ImageDecodeError, match=re.escape(message)):
         cli_main(["fit", "--config", str(config), "--test_after_fit", "true"])
     assert not list((tmp_path / "logs").rglob("*.ckpt"))  # no epoch was trained
+    # The command line prints it as one line, exit code 2, no traceback.
+    monkeypatch.setattr("sys.argv", ["wegeft-vision", "fit", "--config", str(config),
+                                     "--test_after_fit", "true"])
+    monkeypatch.delenv("WEGEFT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
     # Without a test after the fit, the test split is not read.
     cli = cli_main(["fit", "--config", str(config), "--trainer.max_epochs", "1"])
     assert set(cli.datamodule.datasets) == {"train", "val"}
