@@ -12,6 +12,7 @@ from PIL import Image
 from tests.helpers.data import make_vtab_task, write_image, write_list
 from wegeft_vision.data import (VTAB_TASKS, ImageDecodeError, VTAB1kDataModule, load_rgb,
                                 read_list_file, vtab_task, vtab_tasks_in_group)
+from wegeft_vision.errors import UserError
 
 # Written out independently of the registry: the class counts of VTAB-1k's 19 tasks as NOAH's
 # copies hold them (NOAH's data preparation, ZhangYuanhan-AI/NOAH).
@@ -110,16 +111,41 @@ def test_any_image_mode_becomes_rgb(tmp_path, modes):
         np.testing.assert_array_equal(np.asarray(image), expected)
 
 
-def test_corrupt_image_error_names_its_path(tmp_path):
+def test_unreadable_images_are_all_reported_by_setup_before_training(tmp_path):
+    dm = vtab(tmp_path, cache=False, split="train800")
+    images = tmp_path / "cifar/images"
+    cut = images / "train800/000001.jpg"
+    cut.write_bytes(cut.read_bytes()[:60])  # the header ends before the frame's size
+    (images / "train800/000002.jpg").write_bytes(b"not an image")
+    (images / "train800/000004.jpg").write_bytes(b"")
+    (images / "val200/000000.jpg").unlink()
+    with pytest.raises(ImageDecodeError) as info:
+        dm.setup("fit")
+    list_file, val_list = tmp_path / "cifar/train800.txt", tmp_path / "cifar/val200.txt"
+    assert str(info.value) == (
+        f"VTAB-1k task 'cifar', train split: 3 of 6 image files cannot be read: "
+        f"{cut} ({list_file}, line 2): Truncated File Read; "
+        f"{images}/train800/000002.jpg ({list_file}, line 3): not an image file PIL can "
+        f"identify; {images}/train800/000004.jpg ({list_file}, line 5): is empty (0 bytes). "
+        f"VTAB-1k task 'cifar', val split: 1 of 3 image files do not exist: "
+        f"{images}/val200/000000.jpg ({val_list}, line 1)")
+    assert isinstance(info.value, UserError)  # the CLI prints it as one line, exit code 2
+
+
+def test_an_image_whose_pixels_are_cut_fails_when_read_naming_its_path(tmp_path):
     dm = vtab(tmp_path, cache=False)
     broken = tmp_path / "cifar/images/train800val200/000001.jpg"
-    broken.write_bytes(broken.read_bytes()[:60])  # truncated JPEG
-    (tmp_path / "cifar/images/train800val200/000002.jpg").write_bytes(b"not an image")
-    dm.setup("fit")  # the files exist: decoding is what fails, when the image is read
-    with pytest.raises(ImageDecodeError, match=re.escape(str(broken))):
+    broken.write_bytes(broken.read_bytes()[:-200])  # the header is intact: setup() passes
+    dm.setup("fit")
+    with pytest.raises(ImageDecodeError, match=re.escape(f"cannot decode image {broken}")):
         dm.datasets["train"][1]
-    with pytest.raises(ImageDecodeError, match="000002.jpg: cannot identify image file"):
-        dm.datasets["train"][2]
+    # Re-raised from a loader worker, the first line (what the CLI shows) still names the file.
+    loader = torch.utils.data.DataLoader(dm.datasets["train"], batch_size=2, num_workers=1)
+    with pytest.raises(ImageDecodeError) as info:
+        list(loader)
+    first = str(info.value).splitlines()[0]
+    assert first.startswith(f"cannot decode image {broken}: image file is truncated")
+    assert first.endswith("(in DataLoader worker process 0)")
     # With the cache on, setup() decodes the split and fails there, before training.
     with pytest.raises(ImageDecodeError, match=re.escape(str(broken))):
         VTAB1kDataModule(tmp_path, "cifar", image_size=8, num_workers=0).setup("fit")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 from tests.helpers.data import CHECK_KINDS, make_datamodule, write_image
 from tests.helpers.training import NUM_CLASSES, make_backbone_file, make_toy_task, write_config
 from wegeft_vision.cli import cli_main
+from wegeft_vision.errors import RunFolderInUseError
 
 # Relative paths under the predict folder, in the order predictions.csv must list them: sorted
 # by path components ("a/10.png" < "a/2.png" as text; "a/..." < "a-b/..." < "b.JPG").
@@ -86,8 +88,9 @@ def test_predict_root_classifies_every_image_in_sorted_order(setup: dict) -> Non
                     "--data.predict_root", str(folder)])
     columns, rows = read_csv(cli)
     assert columns == ["index", "image", "prediction", "class_name", "probability",
-                       *(f"p{c}" for c in range(NUM_CLASSES))]
+                       *(f"p{c}" for c in range(NUM_CLASSES)), "error"]
     check_rows(cli, rows, folder, [])
+    assert [row["error"] for row in rows] == [""] * len(IMAGES)
 
 
 def test_predict_root_of_an_image_folder_names_the_classes(setup: dict) -> None:
@@ -149,3 +152,55 @@ def test_predict_root_errors(tmp_path: Path) -> None:
                        r"\.DS_Store, \.hidden/, \.ipynb_checkpoints/, a/, notes.txt"):
         VTAB1kDataModule(tmp_path / "data", "toy", predict_root=tmp_path / "empty",
                          **kwargs).setup("predict")
+
+
+def test_unreadable_images_get_marked_rows_and_the_others_predictions(setup: dict,
+                                                                     tmp_path: Path) -> None:
+    folder = tmp_path / "new"
+    write_new_images(folder)
+    (folder / "a/3.png").write_bytes(b"\x89PNG not really")
+    cut = folder / "a/deeper/x.jpeg"
+    good = cut.read_bytes()
+    cut.write_bytes(good[:len(good) // 2])  # the header is intact, the pixels are cut
+    (folder / "b.png").write_bytes(b"")
+    bad = {"a/3.png": "cannot identify image file", "a/deeper/x.jpeg": "[Tt]runcated",
+           "b.png": "cannot identify image file"}
+    # A loader worker reads the images: what failed there must still reach the rows.
+    with pytest.warns(UserWarning, match=r"3 of 8 images could not be read and have no "
+                      r"prediction \(their rows in .*predictions.csv say why in the error "
+                      r"column\): .*a/3.png: cannot identify image file"):
+        cli = cli_main(["predict", "--config", str(setup["config"]), "--data.predict_root",
+                        str(folder), "--data.init_args.num_workers", "1"])
+    _, rows = read_csv(cli)
+    order = sorted([*IMAGES, "a/3.png", "b.png"], key=lambda rel: Path(rel).parts)
+    assert [row["image"] for row in rows] == [str(folder / rel) for rel in order]
+    assert [int(row["index"]) for row in rows] == list(range(len(order)))
+    for row, rel in zip(rows, order):
+        if rel in bad:
+            assert re.search(bad[rel], row["error"])
+            assert row["prediction"] == row["probability"] == ""
+            assert all(row[f"p{c}"] == "" for c in range(NUM_CLASSES))
+    readable = [rel for rel in order if rel not in bad]
+    model = cli.model.eval()
+    with torch.no_grad():
+        probs = model(torch.stack([expected_input(folder / rel) for rel in readable])).softmax(-1)
+    written = torch.tensor([[float(row[f"p{c}"]) for c in range(NUM_CLASSES)]
+                            for row in rows if row["image"] in {str(folder / r) for r in readable}])
+    torch.testing.assert_close(written, probs, rtol=0, atol=1e-6)
+    assert all(row["error"] == "" for row in rows if Path(row["image"]).relative_to(folder)
+               .as_posix() in readable)
+
+
+def test_a_second_predict_into_one_folder_is_refused_before_predicting(setup: dict,
+                                                                       tmp_path: Path) -> None:
+    args = ["predict", "--config", str(setup["config"]), "--data.predict_root",
+            str(setup["root"] / "new"), "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--trainer.logger.init_args.version", "fixed"]
+    cli = cli_main(args)
+    written = Path(cli.trainer.log_dir) / "predictions.csv"
+    before = written.read_bytes()
+    with pytest.raises(RunFolderInUseError, match=re.escape(
+            f"{written} exists already (an earlier predict): move it away, or predict into "
+            "another folder")):
+        cli_main(args)
+    assert written.read_bytes() == before

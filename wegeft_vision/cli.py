@@ -146,6 +146,11 @@ class WeGeFTCLI(LightningCLI):
                              f"(command line or config): {'; '.join(refused)}. {reason}; remove "
                              "or correct these values")
 
+    def before_fit(self) -> None:
+        # A test after the fit reads the test split: check its files before training, not after.
+        if self.config.fit.test_after_fit and hasattr(self.datamodule, "expect_stages"):
+            self.datamodule.expect_stages("test")
+
     def after_fit(self) -> None:
         if self.config.fit.test_after_fit:
             fit_metrics = dict(self.trainer.callback_metrics)

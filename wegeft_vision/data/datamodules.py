@@ -18,10 +18,11 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .checks import listing, optional_int, require_dir, require_int
-from .datasets import ImageListDataset
-from .readers import (NO_LABEL, RawLabel, Sample, build_label_mapping, check_images_exist,
-                      class_folders, image_files, json_samples, read_json_labels, read_list_file)
+from ..errors import MissingFileError, UserError
+from .checks import listing, optional_int, require_dir, require_file, require_int
+from .datasets import ImageListDataset, check_image_files
+from .readers import (NO_LABEL, RawLabel, Sample, build_label_mapping, class_folders,
+                      image_files, image_trees, json_samples, read_json_labels, read_list_file)
 from .registry import (FEWSHOT_DATASETS, VTAB_TASKS, FewShotDataset, VTABTask, did_you_mean,
                        fgvc_dataset, find, normalize_name, spellings)
 from .transforms import (SplitTransform, backbone_data_config, crop_transform, resize_transform,
@@ -71,7 +72,7 @@ def registered_or_custom_folder(root: Path, name: str, entry: Optional[VTABTask 
                                 table: Mapping[str, object], what: str) -> Path:
     """The folder of a registered task/dataset under any spelling, or ``<root>/<name>``.
 
-    A name outside the registry without a folder is most likely a typo: ValueError with the
+    A name outside the registry without a folder is most likely a typo: UserError with the
     closest registered name.
     """
     names = (name,) if entry is None else tuple(dict.fromkeys((name, *spellings(entry))))
@@ -79,10 +80,10 @@ def registered_or_custom_folder(root: Path, name: str, entry: Optional[VTABTask 
     if folder is not None:
         return folder
     if entry is None:
-        raise ValueError(f"unknown {what} {name!r}{did_you_mean(name, list(table))} and no "
-                         f"folder {root / name} for a custom one; {root} holds: {listing(root)}")
-    raise FileNotFoundError(f"no folder for {what} {name!r} under {root} (tried: "
-                            f"{', '.join(names)}); {root} holds: {listing(root)}")
+        raise UserError(f"unknown {what} {name!r}{did_you_mean(name, list(table))} and no "
+                        f"folder {root / name} for a custom one; {root} holds: {listing(root)}")
+    raise MissingFileError(f"no folder for {what} {name!r} under {root} (tried: "
+                           f"{', '.join(names)}); {root} holds: {listing(root)}")
 
 
 def resolve_num_classes(num_classes: Optional[int], entry: Optional[VTABTask | FewShotDataset],
@@ -92,8 +93,8 @@ def resolve_num_classes(num_classes: Optional[int], entry: Optional[VTABTask | F
     if entry is None:
         return num_classes if num_classes is not None else infer()
     if num_classes is not None and num_classes != entry.num_classes:
-        raise ValueError(f"num_classes={num_classes} contradicts {description}, which has "
-                         f"{entry.num_classes} classes; leave num_classes unset")
+        raise UserError(f"num_classes={num_classes} contradicts {description}, which has "
+                        f"{entry.num_classes} classes; leave num_classes unset")
     return entry.num_classes
 
 
@@ -119,12 +120,19 @@ class ImageDataModule(L.LightningDataModule):
             backbone's.
         cache: keep decoded, resized images of the splits without augmentation in memory.
             None caches the train and val splits while they fit in ``cache_budget_gb``; True
-            caches every split without augmentation; False caches nothing.
+            caches every split without augmentation but ``predict_root``'s; False caches
+            nothing.
         pin_memory: pin batches in page-locked memory; None pins when CUDA is available.
         cache_budget_gb: memory the automatic cache may use, in GiB.
         predict_root: a folder of new images to classify: ``predict`` then reads every image
-            under it (recursively, in sorted order, hidden files and folders skipped; no labels)
-            with the evaluation pipeline, instead of the test split.
+            under it (recursively, in sorted order, hidden files and folders skipped, each file
+            once however many symlinks lead to it; no labels) with the evaluation pipeline,
+            instead of the test split. An image that cannot be read stops nothing: its row of
+            the predictions is marked (``PredictionWriter``).
+        check_images: ``setup()`` checks every image file of the splits it sets up before any
+            is decoded: that it exists, is not empty and has an image header PIL identifies
+            (about 25 us a file from the page cache). False checks only that the files exist
+            (for slow storage); corrupt files then fail when read.
     """
 
     def __init__(self, root: PathLike, batch_size: int = 32, num_workers: Optional[int] = None,
@@ -134,12 +142,12 @@ class ImageDataModule(L.LightningDataModule):
                  interpolation: Optional[str] = None, cache: Optional[bool] = None,
                  pin_memory: Optional[bool] = None,
                  cache_budget_gb: float = DEFAULT_CACHE_BUDGET_GB,
-                 predict_root: Optional[PathLike] = None) -> None:
+                 predict_root: Optional[PathLike] = None, check_images: bool = True) -> None:
         super().__init__()
         require_int(batch_size, "batch_size", 1)
         optional_int(num_workers, "num_workers", 0)
         if cache_budget_gb < 0:
-            raise ValueError(f"cache_budget_gb must be >= 0, got {cache_budget_gb}")
+            raise UserError(f"cache_budget_gb must be >= 0, got {cache_budget_gb}")
         # num_classes is the model's hyperparameter: a subclass's unresolved None here would make
         # Lightning refuse to log a model and datamodule that disagree on it.
         self.save_hyperparameters(ignore=["num_classes"])
@@ -158,6 +166,8 @@ class ImageDataModule(L.LightningDataModule):
         self.num_classes: int = 0
         self.class_names: Optional[list[str]] = None
         self.datasets: dict[str, ImageListDataset] = {}
+        self.check_images = check_images
+        self._expected_stages: set[str] = set()
 
     # What a subclass provides.
     def read_split(self, split: str) -> list[Sample]:
@@ -167,6 +177,37 @@ class ImageDataModule(L.LightningDataModule):
     def split_transform(self, split: str) -> SplitTransform:
         """The pipeline for ``split``."""
         raise NotImplementedError
+
+    def _split_files(self, split: str) -> list[Path]:
+        """The annotation files ``read_split(split)`` reads (a subclass's part of
+        ``split_files``)."""
+        raise NotImplementedError
+
+    def split_files(self, splits: Sequence[str] = SPLITS) -> list[Path]:
+        """The list / annotation files that define the samples and labels of ``splits``.
+
+        For each split in order, every file ``read_split`` reads for it, each file once:
+        VTAB-1k and few-shot the split's list file; FGVC ``train.json`` for every split (the
+        label mapping comes from it), the split's json file, and ``val.json`` for the training
+        split under ``use_val_for_train``. A folder tree (``ImageFolderDataModule``) has no such
+        files: its data is the tree itself, and the result is ``[]``. ``predict_root`` is not
+        a split. Two datamodules of one class and arguments whose files are equal byte for byte
+        (and whose image files are) read the same images, by path relative to the data
+        folder, with the same labels. A subclass provides ``_split_files(split)``.
+
+        Raises:
+            UserError: a name in ``splits`` other than "train", "val", "test".
+            MissingFileError: a file (or the folder that should hold it) does not exist,
+                naming it; nothing else is checked (``setup()`` validates the content).
+        """
+        unknown = [split for split in splits if split not in SPLITS]
+        if unknown:
+            raise UserError(f"unknown split(s) {', '.join(map(repr, unknown))}; expected "
+                            f"some of {', '.join(SPLITS)}")
+        files = list(dict.fromkeys(file for split in splits for file in self._split_files(split)))
+        for file in files:
+            require_file(file, f"{self.description}: annotation file")
+        return files
 
     @property
     def description(self) -> str:
@@ -184,22 +225,37 @@ class ImageDataModule(L.LightningDataModule):
         return timm_eval_config(self.data_config, self.split_transform("test"))
 
     # Lightning hooks.
+    def expect_stages(self, *stages: str) -> None:
+        """Stages that will run after the next ``setup`` (the CLI's ``--test_after_fit``: "test"
+        after "fit"): ``setup`` then reads and checks their splits too, so that a bad annotation
+        or image file of the test split stops the run before training, not after it."""
+        unknown = [stage for stage in stages if stage not in STAGE_SPLITS or stage is None]
+        if unknown:
+            raise UserError(f"unknown stage(s) {unknown}; expected some of "
+                            f"{[stage for stage in STAGE_SPLITS if stage is not None]}")
+        self._expected_stages.update(stages)
+
     def setup(self, stage: Optional[str] = None) -> None:
-        """Validate the splits ``stage`` needs, then fill the cache where it is on."""
+        """Read and validate the splits ``stage`` (and ``expect_stages``) needs, check all their
+        image files at once (see ``check_images``), then fill the cache where it is on."""
         if stage not in STAGE_SPLITS:
             raise ValueError(f"unknown stage {stage!r}; expected one of {list(STAGE_SPLITS)}")
-        splits = STAGE_SPLITS[stage]
+        splits = tuple(dict.fromkeys(split for name in (stage, *sorted(self._expected_stages))
+                                     for split in STAGE_SPLITS[name]))
         if self.predict_root is None:
             splits = tuple(dict.fromkeys("test" if s == "predict" else s for s in splits))
         new = [split for split in splits if split not in self.datasets]
         samples = {split: self._read(split) for split in new}
-        for split, split_samples in samples.items():
-            check_images_exist(split_samples, f"{self.description}, {split} split")
+        # New images to classify are not checked here: one that cannot be read gets a marked
+        # row in the predictions instead of stopping the others' (tolerant dataset).
+        check_image_files({split: samples[split] for split in new if split != "predict"},
+                          self.description, headers=self.check_images)
         for split in new:
             # New images get the evaluation pipeline.
             transform = self.split_transform("test" if split == "predict" else split)
             self.datasets[split] = ImageListDataset(samples[split], transform,
-                                                    labelled=split != "predict")
+                                                    labelled=split != "predict",
+                                                    tolerant=split == "predict")
         for split in new:
             if self._should_cache(split):
                 self.datasets[split].fill_cache(self.num_workers)
@@ -210,14 +266,16 @@ class ImageDataModule(L.LightningDataModule):
         folder = require_dir(self.predict_root, "predict_root folder")
         files = image_files(folder)
         if not files:
-            raise ValueError(f"predict_root {folder} holds no images with extensions "
-                             f"{IMAGE_EXTENSIONS} (hidden files and folders are skipped); it "
-                             f"holds: {listing(folder)}")
+            raise UserError(f"predict_root {folder} holds no images with extensions "
+                            f"{IMAGE_EXTENSIONS} (hidden files and folders are skipped); it "
+                            f"holds: {listing(folder)}")
         return [Sample(path, NO_LABEL, f"predict_root {folder}") for path in files]
 
     def _should_cache(self, split: str) -> bool:
         dataset = self.datasets[split]
-        if self.cache is False or dataset.transform.augments:
+        # New images are read once, and decoding them all up front would stop at the first
+        # that cannot be read instead of marking its row.
+        if self.cache is False or dataset.transform.augments or split == "predict":
             return False
         if self.cache:
             return True
@@ -288,8 +346,8 @@ class VTAB1kDataModule(ImageDataModule):
     def __init__(self, root: PathLike, task: str, split: str = "train800val200",
                  num_classes: Optional[int] = None, **common) -> None:
         if not isinstance(split, str) or not split or split in ("val200", "test"):
-            raise ValueError(f"split names the training list, e.g. 'train800' or "
-                             f"'train800val200'; got {split!r}")
+            raise UserError(f"split names the training list, e.g. 'train800' or "
+                            f"'train800val200'; got {split!r}")
         super().__init__(root, **common)
         self.split = split
         self.task_info = find(task, VTAB_TASKS)
@@ -313,6 +371,9 @@ class VTAB1kDataModule(ImageDataModule):
 
     def read_split(self, split: str) -> list[Sample]:
         return read_list_file(self.list_file(split), self.task_folder(), self.num_classes)
+
+    def _split_files(self, split: str) -> list[Path]:
+        return [self.list_file(split)]
 
     def split_transform(self, split: str) -> SplitTransform:
         return resize_transform(self.data_config)
@@ -357,9 +418,9 @@ class FGVCDataModule(ImageDataModule):
             return self.root
         folder = find_folder(self.root, spellings(self.info))
         if folder is None:
-            raise FileNotFoundError(f"{self.root} holds neither train.json nor a folder for "
-                                    f"{self.description} (tried: {', '.join(spellings(self.info))}"
-                                    f"); it holds: {listing(self.root)}")
+            raise MissingFileError(f"{self.root} holds neither train.json nor a folder for "
+                                   f"{self.description} (tried: {', '.join(spellings(self.info))}"
+                                   f"); it holds: {listing(self.root)}")
         return folder
 
     def _json_split(self, folder: Path, name: str) -> list[Sample]:
@@ -367,20 +428,25 @@ class FGVCDataModule(ImageDataModule):
         if self.label_mapping is None:
             mapping = build_label_mapping(list(read_json_labels(train_json).values()))
             if len(mapping) != self.num_classes:
-                raise ValueError(f"{train_json}: {len(mapping)} distinct labels, but "
-                                 f"{self.description} has {self.num_classes} classes")
+                raise UserError(f"{train_json}: {len(mapping)} distinct labels, but "
+                                f"{self.description} has {self.num_classes} classes")
             self.label_mapping = mapping
         path = folder / f"{name}.json"
         image_dir = require_dir(folder / self.info.image_dir, f"{self.description} image folder")
         return json_samples(path, read_json_labels(path), self.label_mapping, image_dir,
                             str(train_json))
 
+    def _split_names(self, split: str) -> list[str]:
+        return ["train", "val"] if split == "train" and self.use_val_for_train else [split]
+
     def read_split(self, split: str) -> list[Sample]:
         folder = self.dataset_folder()
-        samples = self._json_split(folder, split)
-        if split == "train" and self.use_val_for_train:
-            samples += self._json_split(folder, "val")
-        return samples
+        return [sample for name in self._split_names(split)
+                for sample in self._json_split(folder, name)]
+
+    def _split_files(self, split: str) -> list[Path]:
+        folder = self.dataset_folder()
+        return [folder / f"{name}.json" for name in ("train", *self._split_names(split))]
 
     def split_transform(self, split: str) -> SplitTransform:
         return crop_transform(self.data_config, train=split == "train")
@@ -444,6 +510,9 @@ class FewShotDataModule(ImageDataModule):
     def read_split(self, split: str) -> list[Sample]:
         return read_list_file(self.list_file(split), self.image_folder(), self.num_classes)
 
+    def _split_files(self, split: str) -> list[Path]:
+        return [self.list_file(split)]
+
     def split_transform(self, split: str) -> SplitTransform:
         if self.augment:
             return crop_transform(self.data_config, train=split == "train")
@@ -471,8 +540,8 @@ class ImageFolderDataModule(ImageDataModule):
         train = require_dir(self.root / "train", "ImageFolder train folder")
         self.class_names = class_folders(train)
         if not self.class_names:
-            raise ValueError(f"ImageFolder train folder {train} holds no class folders; it "
-                             f"holds: {listing(train)}")
+            raise UserError(f"ImageFolder train folder {train} holds no class folders; it "
+                            f"holds: {listing(train)}")
         self.class_to_idx = {name: index for index, name in enumerate(self.class_names)}
         self.num_classes = len(self.class_names)
 
@@ -481,17 +550,22 @@ class ImageFolderDataModule(ImageDataModule):
         classes = class_folders(folder)
         extra = [name for name in classes if name not in self.class_to_idx]
         if extra:
-            raise ValueError(f"{folder} holds class folders that train/ lacks: {', '.join(extra)}")
-        files = {name: image_files(folder / name) for name in classes}
+            raise UserError(f"{folder} holds class folders that train/ lacks: {', '.join(extra)}")
+        # One walk for all classes: a symlink in one class folder to another (or to a parent)
+        # must not list that class's images again under the wrong label.
+        files = dict(zip(classes, image_trees([folder / name for name in classes])))
         empty = [name for name, paths in files.items() if not paths]
         if split == "train" and empty:
-            raise ValueError(f"{folder}: class folder(s) {', '.join(empty)} hold no images with "
-                             f"extensions {IMAGE_EXTENSIONS}")
+            raise UserError(f"{folder}: class folder(s) {', '.join(empty)} hold no images with "
+                            f"extensions {IMAGE_EXTENSIONS}")
         samples = [Sample(path, self.class_to_idx[name], str(folder))
                    for name, paths in files.items() for path in paths]
         if not samples:
-            raise ValueError(f"{folder} holds no images with extensions {IMAGE_EXTENSIONS}")
+            raise UserError(f"{folder} holds no images with extensions {IMAGE_EXTENSIONS}")
         return samples
+
+    def _split_files(self, split: str) -> list[Path]:
+        return []  # the folder tree is the data
 
     def split_transform(self, split: str) -> SplitTransform:
         if self.augment:

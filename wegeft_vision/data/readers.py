@@ -3,12 +3,13 @@
 * ``read_list_file``: NOAH's ``path label`` lines, used by VTAB-1k and few-shot FGVC.
 * ``read_json_labels`` + ``build_label_mapping`` + ``json_samples``: VPT's FGVC json files, with
   the label mapping built from the train split and applied to the other splits.
-* ``class_folders`` + ``image_files``: folder trees (ImageFolder, ``predict_root``), skipping
-  hidden entries.
+* ``class_folders`` + ``image_trees``: folder trees (ImageFolder, ``predict_root``), skipping
+  hidden entries and listing each folder once however many symlinks lead to it.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,10 @@ from typing import Optional, Sequence, Union
 
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
+from ..errors import UserError
 from .checks import require_file
 
+log = logging.getLogger(__name__)
 RawLabel = Union[int, str]
 MAX_SHOWN = 5
 NO_LABEL = -1  # the label of an image to classify (``predict_root``)
@@ -30,6 +33,18 @@ class Sample:
     path: Path
     label: int
     source: str
+
+
+def inside(image_dir: Path, relative: str, where: str) -> Path:
+    """``image_dir / relative``, refusing an absolute path or one whose ``..`` parts leave
+    ``image_dir``: pathlib's ``/`` would silently read any file on the machine."""
+    # Checked on the text, not on resolved paths: symlinks inside the dataset may point anywhere.
+    normal = os.path.normpath(relative)
+    if (os.path.isabs(relative) or Path(relative).drive or normal == ".."
+            or normal.startswith(".." + os.sep)):
+        raise UserError(f"{where}: image path {relative!r} leaves the image folder {image_dir} "
+                        "(absolute, or '..' above it); paths must be relative to it")
+    return image_dir / relative
 
 
 def read_list_file(path: Path, image_dir: Path, num_classes: Optional[int] = None) -> list[Sample]:
@@ -50,20 +65,20 @@ def read_list_file(path: Path, image_dir: Path, num_classes: Optional[int] = Non
         where = f"{path}, line {number}"
         parts = text.rsplit(maxsplit=1)
         if len(parts) != 2:
-            raise ValueError(f"{where}: expected 'relative/path label', got {line!r}")
+            raise UserError(f"{where}: expected 'relative/path label', got {line!r}")
         relative, label_text = parts
         try:
             label = int(label_text)
         except ValueError:
-            raise ValueError(f"{where}: label {label_text!r} is not an integer "
-                             f"(line {line!r})") from None
+            raise UserError(f"{where}: label {label_text!r} is not an integer "
+                            f"(line {line!r})") from None
         if label < 0 or (num_classes is not None and label >= num_classes):
             limit = "" if num_classes is None else \
                 f" for {num_classes} classes (0..{num_classes - 1})"
-            raise ValueError(f"{where}: label {label} is out of range{limit}")
-        samples.append(Sample(image_dir / relative, label, where))
+            raise UserError(f"{where}: label {label} is out of range{limit}")
+        samples.append(Sample(inside(image_dir, relative, where), label, where))
     if not samples:
-        raise ValueError(f"list file {path} holds no samples")
+        raise UserError(f"list file {path} holds no samples")
     return samples
 
 
@@ -71,7 +86,7 @@ def _reject_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
     seen: dict[str, object] = {}
     for key, value in pairs:
         if key in seen:
-            raise ValueError(f"duplicate key {key!r}")
+            raise UserError(f"duplicate key {key!r}")
         seen[key] = value
     return seen
 
@@ -84,18 +99,18 @@ def read_json_labels(path: Path) -> dict[str, RawLabel]:
         data = json.loads(path.read_text(encoding="utf-8-sig"),
                           object_pairs_hook=_reject_duplicates)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}, line {exc.lineno}: invalid json: {exc.msg}") from None
+        raise UserError(f"{path}, line {exc.lineno}: invalid json: {exc.msg}") from None
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise UserError(f"{path}: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a json object {{\"path\": label}}, "
-                         f"got {type(data).__name__}")
+        raise UserError(f"{path}: expected a json object {{\"path\": label}}, "
+                        f"got {type(data).__name__}")
     if not data:
-        raise ValueError(f"json file {path} holds no samples")
+        raise UserError(f"json file {path} holds no samples")
     for key, label in data.items():
         if isinstance(label, bool) or not isinstance(label, (int, str)):
-            raise ValueError(f"{path}: key {key!r} has label {label!r}; labels must be ints or "
-                             "strings")
+            raise UserError(f"{path}: key {key!r} has label {label!r}; labels must be ints or "
+                            "strings")
     return data  # type: ignore[return-value]
 
 
@@ -119,20 +134,10 @@ def json_samples(path: Path, labels: dict[str, RawLabel], mapping: dict[RawLabel
     unknown = [(key, raw) for key, raw in labels.items() if raw not in mapping]
     if unknown:
         shown = ", ".join(f"{key!r}: {raw!r}" for key, raw in unknown[:MAX_SHOWN])
-        raise ValueError(f"{path}: {len(unknown)} label(s) do not occur in {mapping_source} "
-                         f"(the label mapping is built from it): {shown}")
-    return [Sample(image_dir / key, mapping[raw], f"{path}, key {key!r}")
-            for key, raw in labels.items()]
-
-
-def check_images_exist(samples: Sequence[Sample], what: str) -> None:
-    """Raise FileNotFoundError counting every missing image file and showing the first few."""
-    missing = [sample for sample in samples if not sample.path.is_file()]
-    if missing:
-        shown = "; ".join(f"{sample.path} ({sample.source})" for sample in missing[:MAX_SHOWN])
-        more = f"; and {len(missing) - MAX_SHOWN} more" if len(missing) > MAX_SHOWN else ""
-        raise FileNotFoundError(f"{what}: {len(missing)} of {len(samples)} image files do not "
-                                f"exist: {shown}{more}")
+        raise UserError(f"{path}: {len(unknown)} label(s) do not occur in {mapping_source} "
+                        f"(the label mapping is built from it): {shown}")
+    return [Sample(inside(image_dir, key, f"{path}, key {key!r}"), mapping[raw],
+                   f"{path}, key {key!r}") for key, raw in labels.items()]
 
 
 def _hidden(name: str) -> bool:
@@ -147,12 +152,75 @@ def class_folders(folder: Path) -> list[str]:
                   if entry.is_dir() and not _hidden(entry.name))
 
 
+def _identity(path: Union[str, Path]) -> tuple[int, int]:
+    info = os.stat(path)  # follows symlinks: the folder a link leads to
+    return info.st_dev, info.st_ino
+
+
+def _ancestors(path: Path) -> set[tuple[int, int]]:
+    """The folders that hold ``path``, as written and as resolved (it may be a symlink)."""
+    folders = {*Path(os.path.abspath(path)).parents, *path.resolve().parents}
+    return {_identity(folder) for folder in folders}
+
+
+def image_trees(roots: Sequence[Path]) -> list[list[Path]]:
+    """For each folder of ``roots``, every image file (torchvision's IMG_EXTENSIONS, any case)
+    under it, recursively, sorted by path components; hidden files and folders (name starting
+    with ".") are skipped.
+
+    Symlinked folders are followed, but every real folder is listed once, across all roots:
+    each under its path without symlinks where it has one (all roots' real trees are walked
+    before any link is followed), else under the first link (in sorted order) that leads to it.
+    A link to a folder already listed, or to a folder holding a root (a loop), is skipped, and
+    so is a root that is such a folder: a symlink loop neither repeats images nor hangs.
+    Symlinked files are entries of their own.
+    """
+    roots = [Path(root) for root in roots]
+    holding = set().union(*(_ancestors(root) for root in roots))
+    seen: set[tuple[int, int]] = set()
+    found: list[list[Path]] = [[] for _ in roots]
+    links: list[tuple[int, Path]] = []
+
+    def claim(folder: Path) -> bool:
+        try:
+            key = _identity(folder)
+        except OSError:  # a broken link, or one in a loop the OS gave up resolving
+            log.info("skipped %s: it leads to no folder", folder)
+            return False
+        if key in seen or key in holding:
+            log.info("skipped %s: the folder it leads to is listed already or holds %s",
+                     folder, "the listed folder" if len(roots) == 1 else "a listed folder")
+            return False
+        seen.add(key)
+        return True
+
+    def walk(index: int, top: Path) -> None:
+        for parent, folders, files in os.walk(top):
+            keep = []
+            for name in sorted(folders):
+                path = Path(parent, name)
+                if _hidden(name):
+                    continue
+                if path.is_symlink():
+                    links.append((index, path))  # after every real tree
+                elif claim(path):
+                    keep.append(name)
+            folders[:] = keep
+            found[index] += [Path(parent, name) for name in files
+                             if not _hidden(name) and has_file_allowed_extension(name,
+                                                                                 IMG_EXTENSIONS)]
+
+    for index, root in enumerate(roots):
+        if claim(root):
+            walk(index, root)
+    while links:
+        index, link = links.pop(0)
+        if claim(link):
+            walk(index, link)
+    return [sorted(paths, key=lambda path: path.relative_to(root).parts)
+            for root, paths in zip(roots, found)]
+
+
 def image_files(folder: Path) -> list[Path]:
-    """Every image file (torchvision's IMG_EXTENSIONS, any case) under ``folder``, recursively,
-    sorted by path components; hidden files and folders (name starting with ".") are skipped."""
-    found = []
-    for parent, folders, files in os.walk(folder, followlinks=True):
-        folders[:] = [name for name in folders if not _hidden(name)]
-        found += [Path(parent, name) for name in files
-                  if not _hidden(name) and has_file_allowed_extension(name, IMG_EXTENSIONS)]
-    return sorted(found, key=lambda path: path.relative_to(folder).parts)
+    """Every image file under ``folder``, each real folder once: ``image_trees([folder])``."""
+    return image_trees([folder])[0]

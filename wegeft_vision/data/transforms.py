@@ -19,6 +19,7 @@ import torch
 from timm.data import resolve_data_config
 from torchvision.transforms import InterpolationMode, v2
 
+from ..errors import UserError
 from .checks import optional_int
 from .registry import did_you_mean
 
@@ -49,7 +50,7 @@ def _interpolation_mode(name: str) -> InterpolationMode:
         if mode.value == name.lower():
             return mode
     known = ", ".join(mode.value for mode in INTERPOLATIONS)
-    raise ValueError(f"unknown interpolation {name!r}; use one of {known}")
+    raise UserError(f"unknown interpolation {name!r}; use one of {known}")
 
 
 def _triple(value: Optional[tuple[float, ...]], name: str) -> Optional[Triple]:
@@ -57,9 +58,9 @@ def _triple(value: Optional[tuple[float, ...]], name: str) -> Optional[Triple]:
         return None
     value = tuple(float(v) for v in value)
     if len(value) != 3:
-        raise ValueError(f"{name} must hold 3 values (one per RGB channel), got {value!r}")
+        raise UserError(f"{name} must hold 3 values (one per RGB channel), got {value!r}")
     if name == "std" and min(value) <= 0:
-        raise ValueError(f"std must be positive, got {value!r}")
+        raise UserError(f"std must be positive, got {value!r}")
     return value  # type: ignore[return-value]
 
 
@@ -76,8 +77,8 @@ def backbone_data_config(backbone: Optional[str] = None, image_size: Optional[in
     pretrained_cfg = None
     if backbone is not None:
         if not timm.is_model(backbone):
-            raise ValueError(f"unknown timm model {backbone!r}"
-                             f"{did_you_mean(backbone, timm.list_models())}")
+            raise UserError(f"unknown timm model {backbone!r}"
+                            f"{did_you_mean(backbone, timm.list_models())}")
         cfg = timm.models.get_pretrained_cfg(backbone)
         pretrained_cfg = None if cfg is None else cfg.to_dict()
     optional_int(image_size, "image_size", 1)
@@ -139,12 +140,12 @@ def timm_eval_config(config: DataConfig, transform: SplitTransform) -> dict[str,
     ``timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=cfg))`` does
     what the evaluation ``transform`` does (to within the rounding of PIL's vs torch's resize).
 
-    Raises ValueError for a centre crop to a non-square size, which timm resizes another way.
+    Raises UserError for a centre crop to a non-square size, which timm resizes another way.
     """
     height, width = config.input_size
     if transform.crop_mode == "center" and height != width:
-        raise ValueError(f"timm's centre crop resizes a non-square input size {height}x{width} "
-                         "differently from ours; use a square image_size")
+        raise UserError(f"timm's centre crop resizes a non-square input size {height}x{width} "
+                        "differently from ours; use a square image_size")
     return {"input_size": (3, height, width), "mean": config.mean, "std": config.std,
             "interpolation": config.interpolation, "crop_pct": transform.crop_pct,
             "crop_mode": transform.crop_mode}
