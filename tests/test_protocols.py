@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _data_helpers import make_fewshot, make_fgvc, make_vtab_task
+from tests.helpers.data import make_fewshot, make_fgvc, make_vtab_task
+from tests.helpers.models import create_vit
 from wegeft_vision.protocols import (PAPER_GRID, RunKey, RunRecord, expand_grid, fewshot_table,
                                      fgvc_table, parse_grid, ppt_score, read_record,
                                      read_results, resolve_task, vtab_table, write_record)
@@ -291,10 +292,7 @@ TINY_TRAINABLE = 256
 
 
 def tiny_backbone_params() -> int:
-    import timm
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
-                              patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in create_vit("vit_tiny_patch16_224", num_classes=0).parameters())
 
 
 @pytest.fixture(scope="module")
@@ -363,7 +361,8 @@ def test_chain_search_picks_the_best_and_final_runs_use_it(chain):
         assert record.epochs == 1 and 0.0 <= accuracy <= 1.0
         assert record.trainable_params == TINY_TRAINABLE and record.backbone_params == backbone
         assert record.head_params == 32 * 10 + 10
-        assert record.adapter["method"] == "wegeft" and record.adapter["rank"] == 4
+        assert record.adapter["class_path"].endswith(".WeGeFTConfig")
+        assert record.adapter["init_args"]["rank"] == 4
         assert record.versions["timm"] and record.versions["torch"]
         assert record.memory_kind == "process_peak_rss" and record.peak_memory_mb > 10
         assert record.wall_time_s > 0 and record.config_digest

@@ -1,4 +1,7 @@
-"""Summary-table numbers that the mutation run (docs/development.md) found unchecked."""
+"""The summary tables (protocols.summary): the published rows' parameter counts and PPT.
+
+The tables of our own runs are tested in test_protocols.py, next to the records they read.
+"""
 from __future__ import annotations
 
 import csv
