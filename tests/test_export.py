@@ -268,6 +268,7 @@ def test_push_to_hub_uploads_the_export_and_its_card(run: dict, tmp_path: Path, 
     assert upload["token"] is None  # huggingface_hub resolves HF_TOKEN / the cached login
     # An earlier export's files go in the same commit, unless re-uploaded.
     assert set(upload["delete_patterns"]) == set(EXPORT_FILES)
+    assert "model.onnx.data" in EXPORT_FILES
     sent = upload["sent"]
     assert sorted(p.name for p in sent.iterdir()) == [
         "README.md", "config.json", "model.safetensors", "training_config.yaml"]

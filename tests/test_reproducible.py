@@ -9,14 +9,14 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from _data_helpers import make_image_folder
+from tests.helpers.data import make_image_folder
+from tests.helpers.models import vit_kwargs
 from wegeft_vision import WeGeFTConfig
 from wegeft_vision.data import ImageFolderDataModule
 from wegeft_vision.training import ViTClassifier
 from wegeft_vision.training.reproducible import SeededSamples, SeededShuffle
 
-TINY = {"img_size": 16, "patch_size": 8, "embed_dim": 24, "depth": 2, "num_heads": 2,
-        "proj_drop_rate": 0.2}  # dropout, besides the drop path below
+TINY = vit_kwargs("narrow", proj_drop_rate=0.2)  # dropout, besides the drop path below
 EPOCHS, STOP_AFTER = 3, 2
 
 
@@ -35,9 +35,9 @@ class StopAfter(Callback):
 def fit(data: Path, folder: Path, num_workers: int, stop_after=None, ckpt_path=None
         ) -> tuple[ViTClassifier, L.Trainer]:
     L.seed_everything(0)  # each process seeds as the CLI does, the resumed one too
-    # 3 classes x 4 images of 20 x 28 px: FGVC's random 16 px crop of the 18 px short side and
+    # 3 classes x 4 images of 20 x 28 px: FGVC's random 32 px crop of the 36 px short side and
     # a random flip; batches of 4, shuffled.
-    dm = ImageFolderDataModule(data, augment=True, image_size=16, batch_size=4,
+    dm = ImageFolderDataModule(data, augment=True, image_size=32, batch_size=4,
                                num_workers=num_workers)
     callbacks = [ModelCheckpoint(dirpath=folder, filename="last")]
     if stop_after:
@@ -76,7 +76,7 @@ def test_resumed_fit_ends_with_the_uninterrupted_fits_weights(tmp_path: Path,
 
 def test_shuffle_and_augmentation_follow_seed_and_epoch_only(tmp_path: Path) -> None:
     data = make_image_folder(tmp_path / "data", {"train": {"a": 3, "b": 3}, "val": {"a": 1}})
-    dm = ImageFolderDataModule(data, augment=True, image_size=16, batch_size=6, num_workers=0)
+    dm = ImageFolderDataModule(data, augment=True, image_size=32, batch_size=6, num_workers=0)
     dm.setup("fit")
     dataset = dm.datasets["train"]
 

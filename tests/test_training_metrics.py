@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from _training_helpers import (make_backbone_file, make_toy_task, tiny_model, toy_data, trainer,
-                               write_config)
+from tests.helpers.training import (make_backbone_file, make_toy_task, tiny_model, toy_data,
+                                    trainer, write_config)
 
-TESTS = Path(__file__).parent
+REPO = Path(__file__).parents[1]  # where the DDP processes import this file's callback from
 
 
 class RecordBatches(Callback):
@@ -92,10 +92,10 @@ def test_ddp_train_loss_and_accuracy_are_means_over_both_processes(files: dict[s
     command = [sys.executable, "-m", "wegeft_vision.cli", "fit", "--config", str(config),
                "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "0",
                "--trainer.strategy", "ddp", "--trainer.devices", "2",
-               "--trainer.callbacks+=test_training_metrics.RecordBatches",
+               "--trainer.callbacks+=tests.test_training_metrics.RecordBatches",
                f"--trainer.callbacks.folder={tmp_path}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True,
                             timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
