@@ -14,7 +14,7 @@ from tests.helpers.models import vit_kwargs
 from wegeft_vision import WeGeFTConfig
 from wegeft_vision.data import ImageFolderDataModule
 from wegeft_vision.training import ViTClassifier
-from wegeft_vision.training.reproducible import SeededSamples, SeededShuffle
+from wegeft_vision.training.reproducible import EpochSeeds, SeededSamples, SeededShuffle, run_seed
 
 TINY = vit_kwargs("narrow", proj_drop_rate=0.2)  # dropout, besides the drop path below
 EPOCHS, STOP_AFTER = 3, 2
@@ -32,8 +32,8 @@ class StopAfter(Callback):
             trainer.should_stop = True
 
 
-def fit(data: Path, folder: Path, num_workers: int, stop_after=None, ckpt_path=None
-        ) -> tuple[ViTClassifier, L.Trainer]:
+def fit(data: Path, folder: Path, num_workers: int, stop_after=None, ckpt_path=None,
+        **trainer_args) -> tuple[ViTClassifier, L.Trainer]:
     L.seed_everything(0)  # each process seeds as the CLI does, the resumed one too
     # 3 classes x 4 images of 20 x 28 px: FGVC's random 32 px crop of the 36 px short side and
     # a random flip; batches of 4, shuffled.
@@ -44,7 +44,7 @@ def fit(data: Path, folder: Path, num_workers: int, stop_after=None, ckpt_path=N
         callbacks.append(StopAfter(stop_after))
     trainer = L.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=1, precision="64-true",
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=callbacks)  # with Lightning's sanity check, as the CLI runs
+                        callbacks=callbacks, **trainer_args)  # with the sanity check
     # Built in float64: Lightning loads a checkpoint into the model before it casts the model
     # to the run's precision, so a float32-built model would round the restored weights.
     with trainer.init_module():
@@ -101,3 +101,22 @@ def test_shuffle_and_augmentation_follow_seed_and_epoch_only(tmp_path: Path) -> 
     assert torch.equal(seeded[index, seed][0], image) and label == dataset[index][1]
     crops = {seeded[index, s][0].sum().item() for s in range(8)}
     assert len(crops) > 1  # the seed does choose the crop and flip
+    assert seeded[index][1] == label  # a plain index, from a sampler Lightning puts in
+
+
+def test_overfit_batches_replaces_the_seeded_shuffle(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", {"train": {"a": 3, "b": 3}, "val": {"a": 1}})
+    model, trainer = fit(data, tmp_path / "run", num_workers=0, overfit_batches=1)
+    assert trainer.global_step == EPOCHS  # Lightning's SequentialSampler: one batch an epoch
+
+
+def test_a_resumed_fit_continues_with_the_checkpoints_seed(monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    monkeypatch.setenv("PL_GLOBAL_SEED", "5")  # LightningCLI's random seed, say
+    monkeypatch.setenv("PL_SEED_WORKERS", "0")
+    callback = EpochSeeds()
+    assert callback.state_dict() == {"seed": 5}
+    with pytest.warns(UserWarning, match="the checkpoint's run was seeded 3, this process 5: the "
+                                         "resumed fit continues with the checkpoint's seed 3"):
+        callback.load_state_dict({"seed": 3})
+    assert run_seed() == 3 and callback.state_dict() == {"seed": 3}

@@ -33,7 +33,7 @@ import hashlib
 import os
 import random
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, Union
 
 import lightning as L
 import numpy as np
@@ -78,7 +78,8 @@ class SeededShuffle(DistributedSampler):
 class SeededSamples(Dataset):
     """A map-style dataset read with ``(index, seed)`` keys (``SeededShuffle``'s): the item's
     transform draws from torch's generator seeded with ``seed``, forked so that the process's
-    own stream (the dropout masks, with zero loader workers) is left as it was."""
+    own stream (the dropout masks, with zero loader workers) is left as it was. A plain index
+    (from a sampler Lightning puts in instead, as for ``overfit_batches``) reads unseeded."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -86,7 +87,9 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
+    def __getitem__(self, key: Union[int, tuple[int, int]]) -> Any:
+        if not isinstance(key, tuple):
+            return self.dataset[key]
         index, seed = key
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
