@@ -79,7 +79,7 @@ def test_checkpoint_of_any_precision_tests_exports_and_resumes(files: dict[str, 
         with pytest.raises(ValueError, match="non-finite weights; the adapter has diverged"):
             export_checkpoint(ckpt, tmp_path / "export")
     else:
-        assert export_checkpoint(ckpt, tmp_path / "export").is_file()
+        assert export_checkpoint(ckpt, tmp_path / "export")[0].is_file()
 
     resumed = trainer(tmp_path / "resume", 2, precision=precision)
     resumed.fit(tiny_model(files["weights"]), datamodule=toy_data(files), ckpt_path=ckpt)

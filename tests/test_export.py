@@ -2,8 +2,10 @@
 and the hub upload (stubbed at huggingface_hub's boundary)."""
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -108,23 +110,47 @@ def test_checkpoint_without_the_eval_preprocessing_warns(run: dict, tmp_path: Pa
 
 
 # 2. ONNX.
-def test_onnx_export_matches_pytorch_and_overwrite_removes_it(run: dict, tmp_path: Path) -> None:
+def onnx_logits(model_file: Path, images: torch.Tensor) -> torch.Tensor:
     import onnxruntime
 
-    out = tmp_path / "export"
-    cli_main(["export", "--ckpt_path", str(run["ckpt"]), "--output_dir", str(out),
-              "--format", "onnx"])
-    session = onnxruntime.InferenceSession(str(out / "model.onnx"),
-                                           providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"]
+    [logits] = session.run(["logits"], {"images": images.numpy()})
+    return torch.from_numpy(logits)
+
+
+def test_onnx_export_matches_pytorch_and_overwrite_removes_it(
+        run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wegeft_vision.training import export
+
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # batch 3:
     # not the batch of 2 the export traced with
-    [onnx_logits] = session.run(["logits"], {"images": images.numpy()})
     trained = ViTClassifier.from_checkpoint(run["ckpt"])  # adapter unmerged
     with torch.no_grad():
         expected = trained(images)
+    out = tmp_path / "export"
+    # A model too large for one protobuf file keeps its weights in model.onnx.data, which the
+    # card lists and which travels with model.onnx.
+    monkeypatch.setattr(export, "ONNX_INLINE_BYTES", 0)
+    written = export_checkpoint(run["ckpt"], out, format="onnx")
+    assert {p.name for p in written} == {"model.safetensors", "config.json", "README.md",
+                                         "training_config.yaml", "model.onnx", "model.onnx.data"}
+    assert "`model.onnx.data`" in (out / "README.md").read_text()
+    shutil.copytree(out, tmp_path / "copied")
     # Measured max |difference| 1.2e-7 on logits up to 0.24 (float32, another kernel order).
-    torch.testing.assert_close(torch.from_numpy(onnx_logits), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(onnx_logits(tmp_path / "copied" / "model.onnx", images), expected,
+                               rtol=1e-4, atol=1e-5)
+
+    # Under 2 GiB (every model here) the weights are inside model.onnx: copied alone, it loads.
+    monkeypatch.undo()
+    cli_main(["export", "--ckpt_path", str(run["ckpt"]), "--output_dir", str(out),
+              "--format", "onnx", "--overwrite", "true"])
+    assert not (out / "model.onnx.data").exists()  # the earlier export's weights went with it
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copyfile(out / "model.onnx", alone / "model.onnx")
+    torch.testing.assert_close(onnx_logits(alone / "model.onnx", images), expected,
+                               rtol=1e-4, atol=1e-5)
 
     export_checkpoint(run["ckpt"], out, overwrite=True)
     assert not (out / "model.onnx").exists()  # a stale ONNX file would contradict the weights
@@ -210,7 +236,9 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list:
 
     def upload_folder(self, **kwargs):
         sent = tmp_path / f"sent{len(calls)}"
-        shutil.copytree(kwargs["folder_path"], sent)
+        allowed = kwargs.get("allow_patterns") or ["*"]
+        shutil.copytree(kwargs["folder_path"], sent, ignore=lambda folder, names: [
+            n for n in names if not any(fnmatch.fnmatch(n, p) for p in allowed)])
         calls.append(("upload_folder", {**kwargs, "sent": sent, "token": self.token}))
         return "commit"
 
@@ -220,12 +248,18 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list:
     return calls
 
 
-def test_push_to_hub_uploads_the_export_and_its_card(run: dict, tmp_path: Path,
-                                                     hub: list) -> None:
+def test_push_to_hub_uploads_the_export_and_its_card(run: dict, tmp_path: Path, hub: list,
+                                                     capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "export"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")  # neither written nor published
     cli_main(["export", "--ckpt_path", str(run["ckpt"]), "--output_dir", str(out),
               "--push_to_hub", "someone/toy-wegeft", "--private", "true",
               "--revision", "v1", "--license", "apache-2.0"])
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"wrote model.safetensors, README.md, config.json, training_config.yaml to {out}; "
+        "pushed to the hub as someone/toy-wegeft")
+    assert (out / "notes.txt").read_text() == "the user's own file"
     assert [name for name, _ in hub] == ["create_repo", "create_branch", "upload_folder"]
     assert hub[0][1] == {"repo_id": "someone/toy-wegeft", "private": True, "exist_ok": True}
     assert hub[1][1] == {"repo_id": "someone/toy-wegeft", "branch": "v1", "exist_ok": True}
@@ -234,6 +268,7 @@ def test_push_to_hub_uploads_the_export_and_its_card(run: dict, tmp_path: Path,
     assert upload["token"] is None  # huggingface_hub resolves HF_TOKEN / the cached login
     # An earlier export's files go in the same commit, unless re-uploaded.
     assert set(upload["delete_patterns"]) == set(EXPORT_FILES)
+    assert "model.onnx.data" in EXPORT_FILES
     sent = upload["sent"]
     assert sorted(p.name for p in sent.iterdir()) == [
         "README.md", "config.json", "model.safetensors", "training_config.yaml"]
@@ -249,7 +284,60 @@ def test_push_without_revision_creates_no_branch(run: dict, tmp_path: Path, hub:
     assert hub[0][1]["private"] is None and hub[1][1]["revision"] is None
 
 
-# 4. Arguments.
+# 4. Overwriting an export.
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_overwrite_keeps_the_old_export_until_the_new_one_is_complete(
+        run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wegeft_vision.training import export
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")
+    export_checkpoint(run["ckpt"], out, license="mit")
+    before = folder_bytes(out)
+    real = export.save_for_hf
+
+    def save_for_hf_then_fail(model, save_directory, **kwargs):
+        real(model, save_directory, **kwargs)  # the new weights are written, then the disk fills
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(export, "save_for_hf", save_for_hf_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        export_checkpoint(run["ckpt"], out, license="apache-2.0", overwrite=True)
+    assert folder_bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]  # no staging folder left
+
+    # A failure while the new files are renamed in puts the old export back.
+    monkeypatch.undo()
+    replace, failed = os.replace, []
+
+    def fail_on_the_card(src, dst):
+        if Path(dst) == out / "README.md" and not failed:  # the new card, not the old one back
+            failed.append(dst)
+            raise PermissionError(f"cannot write {dst}")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_on_the_card)
+    with pytest.raises(PermissionError, match="README.md"):
+        export_checkpoint(run["ckpt"], out, license="apache-2.0", overwrite=True)
+    monkeypatch.undo()
+    assert folder_bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+    (out / "pytorch_model.bin").write_bytes(b"an older export's file")
+    written = export_checkpoint(run["ckpt"], out, license="apache-2.0", overwrite=True)
+    assert [p.name for p in written] == ["model.safetensors", "README.md", "config.json",
+                                         "training_config.yaml"]
+    assert sorted(folder_bytes(out)) == sorted(["notes.txt", *(p.name for p in written)])
+    assert "license: apache-2.0" in (out / "README.md").read_text()
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+# 5. Arguments.
 def test_deprecated_checkpoint_path_still_names_the_backbone_weights(run: dict,
                                                                      tmp_path: Path) -> None:
     moved = shutil.copyfile(run["weights"], tmp_path / "moved.safetensors")
@@ -267,7 +355,7 @@ def test_deprecated_checkpoint_path_still_names_the_backbone_weights(run: dict,
         export_checkpoint(run["ckpt"], tmp_path / "d", weights_path=str(missing))
 
 
-# 5. timm versions: pyproject allows timm releases whose save_for_hf has no data_config.
+# 6. timm versions: pyproject allows timm releases whose save_for_hf has no data_config.
 def test_save_for_hf_of_timm_1_0_16_and_what_timm_wrote_is_checked(
         run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from wegeft_vision.training import export

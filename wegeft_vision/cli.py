@@ -208,10 +208,9 @@ def _export_main(args: list[str]) -> None:
     parser.add_function_arguments(export_checkpoint)
     cfg = parser.parse_args(args)
     cfg.pop("config", None)
-    weights = export_checkpoint(**cfg.as_dict())
-    print(f"wrote {', '.join(sorted(p.name for p in weights.parent.iterdir()))} to "
-          f"{weights.parent}" + (f"; pushed to the hub as {cfg.push_to_hub}"
-                                 if cfg.push_to_hub else ""), flush=True)
+    written = export_checkpoint(**cfg.as_dict())  # only the export's files, not the folder's
+    print(f"wrote {', '.join(p.name for p in written)} to {written[0].parent}"
+          + (f"; pushed to the hub as {cfg.push_to_hub}" if cfg.push_to_hub else ""), flush=True)
 
 
 def cli_main(args: Optional[list[str]] = None, run: bool = True) -> Optional[WeGeFTCLI]:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ..errors import MissingFileError, UserError
+from ..training.reproducible import SeededSamples, SeededShuffle, next_epoch, run_seed
 from .checks import listing, optional_int, require_dir, require_file, require_int
 from .datasets import ImageListDataset, check_image_files
 from .readers import (NO_LABEL, RawLabel, Sample, build_label_mapping, class_folders,
@@ -168,6 +169,7 @@ class ImageDataModule(L.LightningDataModule):
         self.datasets: dict[str, ImageListDataset] = {}
         self.check_images = check_images
         self._expected_stages: set[str] = set()
+        self._train_epoch = 0  # the first epoch's order; a checkpoint's when resuming
 
     # What a subclass provides.
     def read_split(self, split: str) -> list[Sample]:
@@ -298,7 +300,14 @@ class ImageDataModule(L.LightningDataModule):
         workers = 0 if self._auto_workers and dataset.cache is not None else self.num_workers
         sampler = None
         trainer = self.trainer
-        if not shuffle and trainer is not None and trainer.world_size > 1:
+        if shuffle:
+            # The order and every image's augmentation follow (run seed, epoch), not the state
+            # of the process or its workers: a resumed fit continues as the uninterrupted one.
+            sampler = SeededShuffle(dataset, num_replicas=trainer.world_size if trainer else 1,
+                                    rank=trainer.global_rank if trainer else 0, seed=run_seed())
+            sampler.set_epoch(self._train_epoch)
+            dataset = SeededSamples(dataset)
+        elif trainer is not None and trainer.world_size > 1:
             # Lightning's default DistributedSampler pads evaluation splits with repeated images;
             # this one gives each image to exactly one process, so metrics equal one process's.
             sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
@@ -306,6 +315,14 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and sampler is None,
                           sampler=sampler, num_workers=workers, pin_memory=self.pin_memory,
                           persistent_workers=workers > 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        # Lightning builds the training loader, whose workers take their first indices at once,
+        # before it restores the loops' epoch and calls set_epoch: a resumed fit needs it here.
+        return {"train_epoch": next_epoch(self.trainer)} if self.trainer is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_epoch = state_dict.get("train_epoch", 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -36,11 +38,16 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
 ONNX_NAME = "model.onnx"
+# The weights of an ONNX model too large for one protobuf file (2 GiB), beside it.
+ONNX_DATA_NAME = ONNX_NAME + ".data"
+# Up to this many bytes of weights, model.onnx holds them itself and loads when copied alone;
+# the rest of the 2 GiB is left to the graph.
+ONNX_INLINE_BYTES = 2**31 - 2**28
 TRAINING_CONFIG_NAME = "training_config.yaml"
 # Every file an export may hold: replaced or removed together, so a folder (or a hub repo) never
 # mixes files of two exports. pytorch_model.bin is what timm's own push_to_hf_hub adds.
-EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, ONNX_NAME, TRAINING_CONFIG_NAME,
-                "pytorch_model.bin")
+EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, ONNX_NAME, ONNX_DATA_NAME,
+                TRAINING_CONFIG_NAME, "pytorch_model.bin")
 # The parts of timm's pretrained config that describe the architecture; the rest (tag, licence,
 # source, paper, test-time sizes, the source's labels) describes the backbone's pretraining.
 ARCHITECTURE_CFG_KEYS = ("architecture", "first_conv", "classifier", "fixed_input_size",
@@ -76,7 +83,8 @@ def export_checkpoint(ckpt_path: Union[str, Path], output_dir: Union[str, Path],
                       format: Literal["safetensors", "onnx"] = "safetensors",
                       license: Optional[str] = None, push_to_hub: Optional[str] = None,
                       private: Optional[bool] = None, revision: Optional[str] = None,
-                      overwrite: bool = False, checkpoint_path: Optional[str] = None) -> Path:
+                      overwrite: bool = False, checkpoint_path: Optional[str] = None
+                      ) -> list[Path]:
     """Merge a checkpoint's adapter into its backbone and write a plain timm model.
 
     Args:
@@ -91,11 +99,14 @@ def export_checkpoint(ckpt_path: Union[str, Path], output_dir: Union[str, Path],
             (created if missing); the token comes from ``HF_TOKEN`` or ``hf auth login``.
         private: create the hub repository private (None: the hub's default for the owner).
         revision: hub branch to push to (created if missing; default: main).
-        overwrite: replace an earlier export in ``output_dir``.
+        overwrite: replace an earlier export in ``output_dir``. The new export is written
+            beside it first and swapped in only once complete: a failure or a kill before the
+            swap leaves the earlier export as it was. Other files in the folder are kept.
         checkpoint_path: deprecated name of ``weights_path``.
 
     Returns:
-        The path of the weights file.
+        The paths of the files the export wrote (``model.safetensors`` first), all in
+        ``output_dir``.
     """
     if checkpoint_path is not None:
         warnings.warn("export_checkpoint(checkpoint_path=...) is deprecated: use weights_path "
@@ -132,29 +143,62 @@ def export_checkpoint(ckpt_path: Union[str, Path], output_dir: Union[str, Path],
     model = merge_adapter(module.model).eval()
     model.pretrained_cfg = pretrained_cfg  # what save_for_hf writes, in every timm version
 
-    for name in existing:
-        Path(name).unlink()
-    # save_for_hf (timm's public API) takes data_config only from timm 1.0.31; the preprocessing
-    # travels in model.pretrained_cfg instead. model_args are given explicitly because timm
-    # before 1.0.31 records none.
-    model_args = dict(module.hparams.backbone_kwargs or {})
-    if getattr(model, "reg_token", None) is not None:  # merged VPT-shallow adds register tokens
-        model_args["reg_tokens"] = model.num_reg_tokens
-    label_names = {"label_names": info["class_names"]} if info.get("class_names") else {}
-    save_for_hf(model, str(output_dir), model_config=label_names, model_args=model_args,
-                safe_serialization=True)
-    _check_config(output_dir / CONFIG_NAME, pretrained_cfg)
-    config_yaml = run_folder(ckpt_path) / "config.yaml"
-    if config_yaml.is_file():
-        shutil.copyfile(config_yaml, output_dir / TRAINING_CONFIG_NAME)
-    if format == "onnx":
-        export_onnx(model, output_dir / ONNX_NAME, pretrained_cfg["input_size"])
-    files = sorted({CARD_NAME, *(p.name for p in output_dir.iterdir() if p.name in EXPORT_FILES)})
-    write_model_card(output_dir / CARD_NAME, module=module, count=count, checkpoint=checkpoint,
-                     ckpt_path=ckpt_path, license=license, files=files)
+    # Written into a folder beside output_dir (same file system, so the swap is renames), which
+    # only a complete export leaves.
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.export-", dir=output_dir.parent))
+    try:
+        # save_for_hf (timm's public API) takes data_config only from timm 1.0.31; the
+        # preprocessing travels in model.pretrained_cfg instead. model_args are given explicitly
+        # because timm before 1.0.31 records none.
+        model_args = dict(module.hparams.backbone_kwargs or {})
+        if getattr(model, "reg_token", None) is not None:  # merged VPT-shallow: register tokens
+            model_args["reg_tokens"] = model.num_reg_tokens
+        label_names = {"label_names": info["class_names"]} if info.get("class_names") else {}
+        save_for_hf(model, str(staging), model_config=label_names, model_args=model_args,
+                    safe_serialization=True)
+        _check_config(staging / CONFIG_NAME, pretrained_cfg)
+        config_yaml = run_folder(ckpt_path) / "config.yaml"
+        if config_yaml.is_file():
+            shutil.copyfile(config_yaml, staging / TRAINING_CONFIG_NAME)
+        if format == "onnx":
+            export_onnx(model, staging / ONNX_NAME, pretrained_cfg["input_size"])
+        files = sorted({CARD_NAME, *(p.name for p in staging.iterdir())},
+                       key=lambda name: (name != WEIGHTS_NAME, name))
+        write_model_card(staging / CARD_NAME, module=module, count=count, checkpoint=checkpoint,
+                         ckpt_path=ckpt_path, license=license, files=files)
+        _swap_in(staging, output_dir, files)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if push_to_hub:
-        push_export(output_dir, push_to_hub, private=private, revision=revision)
-    return output_dir / WEIGHTS_NAME
+        push_export(output_dir, push_to_hub, private=private, revision=revision, files=files)
+    return [output_dir / name for name in files]
+
+
+def _swap_in(staging: Path, output_dir: Path, files: list[str]) -> None:
+    """Replace the export in ``output_dir`` by the files of ``staging``: the old export's files
+    are renamed aside, the new ones renamed in, and the old ones removed. A failure during the
+    renames puts the old export back; other files in ``output_dir`` are not touched."""
+    output_dir.mkdir(exist_ok=True)
+    aside = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.replaced-", dir=output_dir.parent))
+    old = [name for name in dict.fromkeys((*EXPORT_FILES, *files))
+           if (output_dir / name).exists()]
+    moved_in: list[str] = []
+    try:
+        for name in old:
+            os.replace(output_dir / name, aside / name)
+        for name in files:
+            os.replace(staging / name, output_dir / name)
+            moved_in.append(name)
+    except BaseException:
+        for name in moved_in:
+            os.replace(output_dir / name, staging / name)
+        for name in old:
+            if (aside / name).exists():
+                os.replace(aside / name, output_dir / name)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _check_config(path: Path, expected: dict[str, Any]) -> None:
@@ -171,21 +215,32 @@ def _check_config(path: Path, expected: dict[str, Any]) -> None:
 
 def export_onnx(model: torch.nn.Module, path: Path, input_size: list[int]) -> None:
     """Write ``model`` to ONNX with input ``images`` (batch, C, H, W), dynamic batch, and
-    output ``logits``."""
+    output ``logits``.
+
+    The weights go into the file itself when they fit protobuf's 2 GiB (ONNX_INLINE_BYTES), so
+    that ``model.onnx`` loads wherever it is copied; a larger model keeps them in
+    ``model.onnx.data`` beside it, which must travel with it.
+    """
     example = torch.zeros(2, *input_size)
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     torch.onnx.export(model, (example,), str(path), input_names=["images"],
                       output_names=["logits"], dynamo=True, verbose=False,
+                      external_data=size > ONNX_INLINE_BYTES,
                       dynamic_shapes=({0: torch.export.Dim("batch")},))
 
 
 def push_export(folder: Union[str, Path], repo_id: str, private: Optional[bool] = None,
-                revision: Optional[str] = None) -> Any:
+                revision: Optional[str] = None, files: Optional[list[str]] = None) -> Any:
     """Upload an export folder to the Hugging Face hub as one commit.
 
     The folder is uploaded as written (not re-serialised): the hub gets the files and the card
     that were checked here, and an earlier export's files in the repository are removed in the
-    same commit, so its card cannot outlive its weights.
+    same commit, so its card cannot outlive its weights. ``files`` (names) limits the upload
+    to the export's own files (default: the export files the folder holds), so that other
+    files in the folder are not published.
     """
+    if files is None:
+        files = [name for name in EXPORT_FILES if (Path(folder) / name).is_file()]
     from huggingface_hub import HfApi
 
     api = HfApi()  # token: HF_TOKEN or the cached `hf auth login`, as huggingface_hub resolves it
@@ -194,4 +249,4 @@ def push_export(folder: Union[str, Path], repo_id: str, private: Optional[bool] 
         api.create_branch(repo_id, branch=revision, exist_ok=True)
     return api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
                              commit_message="Add model exported by wegeft-vision",
-                             delete_patterns=list(EXPORT_FILES))
+                             allow_patterns=list(files), delete_patterns=list(EXPORT_FILES))

@@ -25,6 +25,7 @@ from ..adapters.model import ParameterCount
 from ..errors import UserError
 from .backbone import create_backbone
 from .optim import build_adamw, warmup_cosine
+from .reproducible import EpochSeeds
 
 PAPER_BACKBONE = "vit_base_patch16_224.augreg_in21k"
 CHECKPOINT_KEY = "wegeft_vision"
@@ -213,6 +214,10 @@ class ViTClassifier(L.LightningModule):
         """Class probabilities [B, num_classes]; labels in the batch are ignored."""
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(images).softmax(dim=-1)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # Every fit, CLI or not: a resumed fit draws the rest of its dropout as uninterrupted.
+        return [EpochSeeds()]
 
     # Optimisation.
     def configure_optimizers(self) -> dict[str, Any]:
