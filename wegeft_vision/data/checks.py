@@ -4,12 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from ..errors import MissingFileError, UserError
+
 
 def require_int(value: object, name: str, minimum: int) -> None:
-    """Raise ValueError unless ``value`` is an int (not a bool) of at least ``minimum``."""
+    """Raise UserError unless ``value`` is an int (not a bool) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         kind = {0: "a non-negative int", 1: "a positive int"}.get(minimum, f"an int >= {minimum}")
-        raise ValueError(f"{name} must be {kind}, got {value!r}")
+        raise UserError(f"{name} must be {kind}, got {value!r}")
 
 
 def listing(folder: Path) -> str:
@@ -23,17 +25,17 @@ def _require(path: Path, what: str, exists: bool) -> Path:
         parent = path.parent
         while not parent.is_dir() and parent != parent.parent:
             parent = parent.parent
-        raise FileNotFoundError(f"{what} {path} does not exist; {parent} holds: {listing(parent)}")
+        raise MissingFileError(f"{what} {path} does not exist; {parent} holds: {listing(parent)}")
     return path
 
 
 def require_dir(path: Path, what: str) -> Path:
-    """``path`` if it is a folder, else FileNotFoundError showing what the nearest parent holds."""
+    """``path`` if it is a folder, else MissingFileError showing what the nearest parent holds."""
     return _require(path, what, path.is_dir())
 
 
 def require_file(path: Path, what: str) -> Path:
-    """``path`` if it is a file, else FileNotFoundError showing what the nearest parent holds."""
+    """``path`` if it is a file, else MissingFileError showing what the nearest parent holds."""
     return _require(path, what, path.is_file())
 
 

@@ -18,7 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from .checks import listing, optional_int, require_dir, require_int
+from ..errors import UserError
+from .checks import listing, optional_int, require_dir, require_file, require_int
 from .datasets import ImageListDataset
 from .readers import (NO_LABEL, RawLabel, Sample, build_label_mapping, check_images_exist,
                       class_folders, image_files, json_samples, read_json_labels, read_list_file)
@@ -168,6 +169,36 @@ class ImageDataModule(L.LightningDataModule):
         """The pipeline for ``split``."""
         raise NotImplementedError
 
+    def _split_files(self, split: str) -> list[Path]:
+        """The annotation files ``read_split(split)`` reads (a subclass's part of
+        ``split_files``)."""
+        raise NotImplementedError
+
+    def split_files(self, splits: Sequence[str] = SPLITS) -> list[Path]:
+        """The list / annotation files that define the samples and labels of ``splits``.
+
+        For each split in order, every file ``read_split`` reads for it, each file once:
+        VTAB-1k and few-shot the split's list file; FGVC ``train.json`` for every split (the
+        label mapping comes from it), the split's json file, and ``val.json`` for the training
+        split under ``use_val_for_train``. A folder tree (``ImageFolderDataModule``) has no such
+        files: its data is the tree itself, and the result is ``[]``. ``predict_root`` is not
+        a split. Two datamodules whose files are equal byte for byte (and whose image files
+        are) read the same samples with the same labels.
+
+        Raises:
+            UserError: a name in ``splits`` other than "train", "val", "test".
+            MissingFileError: a file (or the folder that should hold it) does not exist,
+                naming it; nothing else is checked (``setup()`` validates the content).
+        """
+        unknown = [split for split in splits if split not in SPLITS]
+        if unknown:
+            raise UserError(f"unknown split(s) {', '.join(map(repr, unknown))}; expected "
+                            f"some of {', '.join(SPLITS)}")
+        files = list(dict.fromkeys(file for split in splits for file in self._split_files(split)))
+        for file in files:
+            require_file(file, f"{self.description}: annotation file")
+        return files
+
     @property
     def description(self) -> str:
         """Names the data in messages, e.g. "VTAB-1k task 'cifar'"."""
@@ -314,6 +345,9 @@ class VTAB1kDataModule(ImageDataModule):
     def read_split(self, split: str) -> list[Sample]:
         return read_list_file(self.list_file(split), self.task_folder(), self.num_classes)
 
+    def _split_files(self, split: str) -> list[Path]:
+        return [self.list_file(split)]
+
     def split_transform(self, split: str) -> SplitTransform:
         return resize_transform(self.data_config)
 
@@ -375,12 +409,17 @@ class FGVCDataModule(ImageDataModule):
         return json_samples(path, read_json_labels(path), self.label_mapping, image_dir,
                             str(train_json))
 
+    def _split_names(self, split: str) -> list[str]:
+        return ["train", "val"] if split == "train" and self.use_val_for_train else [split]
+
     def read_split(self, split: str) -> list[Sample]:
         folder = self.dataset_folder()
-        samples = self._json_split(folder, split)
-        if split == "train" and self.use_val_for_train:
-            samples += self._json_split(folder, "val")
-        return samples
+        return [sample for name in self._split_names(split)
+                for sample in self._json_split(folder, name)]
+
+    def _split_files(self, split: str) -> list[Path]:
+        folder = self.dataset_folder()
+        return [folder / f"{name}.json" for name in ("train", *self._split_names(split))]
 
     def split_transform(self, split: str) -> SplitTransform:
         return crop_transform(self.data_config, train=split == "train")
@@ -444,6 +483,9 @@ class FewShotDataModule(ImageDataModule):
     def read_split(self, split: str) -> list[Sample]:
         return read_list_file(self.list_file(split), self.image_folder(), self.num_classes)
 
+    def _split_files(self, split: str) -> list[Path]:
+        return [self.list_file(split)]
+
     def split_transform(self, split: str) -> SplitTransform:
         if self.augment:
             return crop_transform(self.data_config, train=split == "train")
@@ -492,6 +534,9 @@ class ImageFolderDataModule(ImageDataModule):
         if not samples:
             raise ValueError(f"{folder} holds no images with extensions {IMAGE_EXTENSIONS}")
         return samples
+
+    def _split_files(self, split: str) -> list[Path]:
+        return []  # the folder tree is the data
 
     def split_transform(self, split: str) -> SplitTransform:
         if self.augment:
