@@ -12,7 +12,7 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, lazy_instance
@@ -209,23 +209,28 @@ def _export_main(args: list[str]) -> None:
                                  if cfg.push_to_hub else ""), flush=True)
 
 
-def cli_main(args: Optional[list[str]] = None, run: bool = True) -> Optional[WeGeFTCLI]:
+def cli_main(args: Optional[Union[list[str], dict[str, Any]]] = None, run: bool = True,
+             config_files: Sequence[Path] = (), cli_class: type[WeGeFTCLI] = WeGeFTCLI
+             ) -> Optional[WeGeFTCLI]:
     """Run the command line on ``args`` (default: ``sys.argv[1:]``).
 
     Returns the LightningCLI (``cli.trainer.callback_metrics`` holds the logged metrics), or
-    None for ``export``.
+    None for ``export``. A program builds runs with ``run=False``, ``args`` a dict of settings
+    and ``config_files`` read before it in order (as repeated ``--config``); ``cli_class`` a
+    subclass of WeGeFTCLI (the protocols parse without instantiating).
     """
     argv = sys.argv[1:] if args is None else list(args)
     if run and argv[:1] == ["export"]:
         _export_main(argv[1:])
         return None
-    cli = WeGeFTCLI(
+    cli = cli_class(
         ViTClassifier, ImageDataModule, subclass_mode_data=True, args=args, run=run,
         trainer_defaults={"max_epochs": 100, "log_every_n_steps": 10,
                           "logger": lazy_instance(CSVLogger, save_dir="runs"),
                           "callbacks": [RunSummary(), PredictionWriter()]},
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": DESCRIPTION},
+        parser_kwargs={"description": DESCRIPTION,
+                       "default_config_files": [str(path) for path in config_files]},
     )
     _close_process_group()
     return cli
