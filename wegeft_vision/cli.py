@@ -12,7 +12,7 @@ import os
 import sys
 import typing
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, lazy_instance
@@ -210,14 +210,12 @@ def _export_main(args: list[str]) -> None:
 
 
 def cli_main(args: Optional[Union[list[str], dict[str, Any]]] = None, run: bool = True,
-             config_files: Sequence[Path] = (), cli_class: type[WeGeFTCLI] = WeGeFTCLI
-             ) -> Optional[WeGeFTCLI]:
+             cli_class: type[WeGeFTCLI] = WeGeFTCLI) -> Optional[WeGeFTCLI]:
     """Run the command line on ``args`` (default: ``sys.argv[1:]``).
 
     Returns the LightningCLI (``cli.trainer.callback_metrics`` holds the logged metrics), or
-    None for ``export``. A program builds runs with ``run=False``, ``args`` a dict of settings
-    and ``config_files`` read before it in order (as repeated ``--config``); ``cli_class`` a
-    subclass of WeGeFTCLI (the protocols parse without instantiating).
+    None for ``export``. ``cli_class``: a subclass of WeGeFTCLI (the protocols build runs with
+    their own, from settings rather than a command line).
     """
     argv = sys.argv[1:] if args is None else list(args)
     if run and argv[:1] == ["export"]:
@@ -229,8 +227,7 @@ def cli_main(args: Optional[Union[list[str], dict[str, Any]]] = None, run: bool 
                           "logger": lazy_instance(CSVLogger, save_dir="runs"),
                           "callbacks": [RunSummary(), PredictionWriter()]},
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": DESCRIPTION,
-                       "default_config_files": [str(path) for path in config_files]},
+        parser_kwargs={"description": DESCRIPTION},
     )
     _close_process_group()
     return cli
