@@ -148,7 +148,7 @@ class RunSpec:
     def resolved_config(self) -> dict[str, Any]:
         """The training config this run gets (config files, then settings), as plain data."""
         cli = self.build(instantiate=False)
-        return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False, skip_validation=True))
+        return yaml.safe_load(cli.parser.dump(cli.config, skip_validation=True))
 
 
 @dataclass
