@@ -12,7 +12,6 @@ check.
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,8 +19,10 @@ from torch import nn
 from wegeft_vision import LoRAConfig, WeGeFTConfig, apply_adapter
 from wegeft_vision.adapters.functional import plain_form, use_output_form
 
-VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
-# Batch 6 (102 tokens) puts fc2 (192 -> 48) in the output form and the other layers in the input
+from tests.helpers.models import create_vit, vit_kwargs
+
+VIT = vit_kwargs("wide", num_classes=5)
+# Batch 6 (102 tokens) puts fc2 (384 -> 96) in the output form and the other layers in the input
 # form; at batch 2 (34 tokens) eager takes the input form for fc2 too, exported graphs the output
 # form (no branch on a dynamic batch): both forms are checked against the plain form.
 BATCH = 6
@@ -45,8 +46,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def make_model(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT).double()
+    model = create_vit("vit_tiny_patch16_224", "wide").train()
     apply_adapter(model, CONFIGS[name])
     with torch.no_grad():  # non-zero factors (LoRA's B and WeGeFT's psi start at zero)
         for param in model.adapter.parameters():

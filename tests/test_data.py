@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from _data_helpers import make_vtab_task, write_image, write_list
+from tests.helpers.data import make_vtab_task, write_image, write_list
 from wegeft_vision.data import (VTAB_TASKS, ImageDecodeError, VTAB1kDataModule, load_rgb,
                                 read_list_file, vtab_task, vtab_tasks_in_group)
 

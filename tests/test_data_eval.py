@@ -11,7 +11,7 @@ import timm
 import torch
 from PIL import Image
 
-from _data_helpers import CHECK_KINDS, CHECK_SIZES, make_datamodule, write_image
+from tests.helpers.data import CHECK_KINDS, CHECK_SIZES, make_datamodule, write_image
 from wegeft_vision.data import DataConfig, VTAB1kDataModule, load_rgb
 from wegeft_vision.data.transforms import crop_transform, timm_eval_config
 

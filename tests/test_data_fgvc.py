@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import wegeft_vision.data.datamodules as datamodules
-from _data_helpers import make_fewshot, make_fgvc, make_image_folder, write_image
+from tests.helpers.data import make_fewshot, make_fgvc, make_image_folder, write_image
 from wegeft_vision.data import (FEWSHOT_DATASETS, FGVC_DATASETS, FewShotDataModule,
                                 FGVCDataModule, ImageFolderDataModule, backbone_data_config,
                                 build_label_mapping, default_num_workers, fewshot_dataset)

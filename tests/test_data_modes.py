@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _data_helpers import write_list
+from tests.helpers.data import write_list
 from wegeft_vision.data import ImageDecodeError, VTAB1kDataModule, load_rgb
 
 RNG = np.random.default_rng(0)

@@ -14,8 +14,9 @@ import torch
 import yaml
 from PIL import Image
 
-from _data_helpers import make_datamodule
-from _training_helpers import BACKBONE, BACKBONE_KWARGS, fit_toy_run
+from tests.helpers.data import make_datamodule
+from tests.helpers.models import vit_kwargs
+from tests.helpers.training import BACKBONE, BACKBONE_KWARGS, fit_toy_run
 from wegeft_vision.adapters import WeGeFTConfig
 from wegeft_vision.cli import cli_main
 from wegeft_vision.training import ViTClassifier
@@ -23,7 +24,7 @@ from wegeft_vision.training.export import EXPORT_FILES, export_checkpoint
 from wegeft_vision.training.model_card import run_accuracy
 
 IMAGE_SIZE = 16
-TINY = {"img_size": IMAGE_SIZE, "patch_size": 8, "embed_dim": 24, "depth": 2, "num_heads": 2}
+TINY = vit_kwargs("narrow", img_size=IMAGE_SIZE)
 MEAN, STD = (0.2, 0.4, 0.6), (0.1, 0.2, 0.3)
 
 
@@ -79,9 +80,7 @@ def test_timm_eval_transform_of_the_export_gives_the_test_tensors(tmp_path: Path
     # Both resize with PIL: what is left is float32 rounding (measured max 9.5e-7). A crop one
     # pixel off, or timm's default crop_pct 0.875 for VTAB, moves values by whole grey levels.
     torch.testing.assert_close(timm_images, images, rtol=0, atol=1e-5)
-    trained = ViTClassifier.from_checkpoint(ckpt)
-    with torch.no_grad():
-        torch.testing.assert_close(local(timm_images), trained(images), rtol=1e-4, atol=1e-5)
+    # That plain timm predicts as the trained model: test_cli's export test, in a fresh process.
 
 
 def test_checkpoint_without_the_eval_preprocessing_warns(run: dict, tmp_path: Path) -> None:
@@ -238,14 +237,10 @@ def test_push_to_hub_uploads_the_export_and_its_card(run: dict, tmp_path: Path,
     sent = upload["sent"]
     assert sorted(p.name for p in sent.iterdir()) == [
         "README.md", "config.json", "model.safetensors", "training_config.yaml"]
-    assert (sent / "README.md").read_text() == (out / "README.md").read_text()
+    # What was sent is the export (which plain timm loads: test_cli's export test).
+    for path in sent.iterdir():
+        assert path.read_bytes() == (out / path.name).read_bytes(), path.name
     assert "license: apache-2.0" in (sent / "README.md").read_text()
-    # What was sent loads in timm as "hf-hub:someone/toy-wegeft" will, and predicts as trained.
-    local = timm.create_model(f"local-dir:{sent}", pretrained=True).eval()
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(local(images), ViTClassifier.from_checkpoint(run["ckpt"])(
-            images), rtol=1e-4, atol=1e-5)
 
 
 def test_push_without_revision_creates_no_branch(run: dict, tmp_path: Path, hub: list) -> None:

@@ -19,7 +19,9 @@ from torch import nn
 from wegeft_vision import LoRAConfig, WeGeFTConfig, apply_adapter, merge_adapter
 from wegeft_vision.adapters import AdaptedLinear, get_adapter
 
-TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+from tests.helpers.models import create_vit, vit_kwargs
+
+TINY = vit_kwargs("tiny", num_classes=5)
 # family: (timm name, extra kwargs, the layer names each block's preset "all" adapts). Layer
 # scales are set large where timm starts them near zero, so that the blocks' edits show.
 BLOCK = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -43,8 +45,7 @@ CONFIGS = {"wegeft": WeGeFTConfig(rank=2, targets="all"), "lora": LoRAConfig(ran
 
 def create(family: str) -> nn.Module:
     name, extra, _ = FAMILIES[family]
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **TINY, **extra).to(torch.float64).eval()
+    return create_vit(name, num_classes=5, **extra)
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))

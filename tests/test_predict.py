@@ -10,8 +10,8 @@ import torch
 import yaml
 from PIL import Image
 
-from _data_helpers import CHECK_KINDS, make_datamodule, write_image
-from _training_helpers import NUM_CLASSES, make_backbone_file, make_toy_task, write_config
+from tests.helpers.data import CHECK_KINDS, make_datamodule, write_image
+from tests.helpers.training import NUM_CLASSES, make_backbone_file, make_toy_task, write_config
 from wegeft_vision.cli import cli_main
 
 # Relative paths under the predict folder, in the order predictions.csv must list them: sorted

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _data_helpers import make_fewshot, make_fgvc, make_vtab_task
+from tests.helpers.data import make_fewshot, make_fgvc, make_vtab_task
+from tests.helpers.models import create_vit
 from wegeft_vision.errors import UserError
 from wegeft_vision.protocols import (PAPER_GRID, ProtocolRunner, RunKey, RunRecord, check_grid,
                                      expand_grid, fewshot_table, fgvc_table, ppt_score,
@@ -316,10 +317,7 @@ TINY_TRAINABLE = 256
 
 
 def tiny_backbone_params() -> int:
-    import timm
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
-                              patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in create_vit("vit_tiny_patch16_224", num_classes=0).parameters())
 
 
 def make_tiny_vtab(root: Path, tasks=(("eurosat", 10), ("kitti", 4))) -> Path:
@@ -400,6 +398,7 @@ def test_chain_search_picks_the_best_and_final_runs_use_it(chain):
         assert record.trainable_params == TINY_TRAINABLE and record.backbone_params == backbone
         assert record.head_params == 32 * 10 + 10
         assert record.adapter_method == "wegeft"
+        assert record.adapter["class_path"].endswith(".WeGeFTConfig")
         assert record.adapter["init_args"]["rank"] == 4
         assert record.versions["timm"] and record.versions["torch"]
         assert record.memory_kind == "process_peak_rss" and record.peak_memory_mb > 10

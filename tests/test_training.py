@@ -10,8 +10,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from safetensors.torch import load_file
 
-from _training_helpers import (BACKBONE, BACKBONE_KWARGS, make_backbone_file, make_toy_task,
-                               save_google_npz, tiny_model, toy_data, trainer)
+from tests.helpers.training import (BACKBONE, BACKBONE_KWARGS, make_backbone_file, make_toy_task,
+                                    save_google_npz, tiny_model, toy_data, trainer)
 from wegeft_vision import FullFinetuneConfig, LinearProbeConfig, LoRAConfig, WeGeFTConfig
 from wegeft_vision.data import VTAB1kDataModule
 from wegeft_vision.training import ViTClassifier, build_adamw, create_backbone, warmup_cosine

@@ -6,14 +6,14 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import timm
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from safetensors.torch import save_file
 
-from _data_helpers import write_list
+from tests.helpers.data import write_list
+from tests.helpers.models import create_vit, vit_kwargs
 from wegeft_vision import WeGeFTConfig
 from wegeft_vision.data import VTAB1kDataModule
 from wegeft_vision.training import ViTClassifier
@@ -25,7 +25,7 @@ NUM_CLASSES = 6  # > 5, so top-5 accuracy is logged too
 SPLIT_SIZES = {"train800": 2, "val200": 1, "test": 1, "train800val200": 3}
 EXTRA_TEST = 2
 BACKBONE = "vit_tiny_patch16_224"
-BACKBONE_KWARGS = {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 2, "num_heads": 2}
+BACKBONE_KWARGS = vit_kwargs("narrow")
 
 
 def class_image(label: int, index: int) -> Image.Image:
@@ -55,9 +55,8 @@ def make_toy_task(root: Path, task: str = TASK, extra_test: int = EXTRA_TEST) ->
 
 def make_backbone_file(path: Path, seed: int = 0, **overrides: Any) -> Path:
     """Random tiny-ViT weights without a head, as an offline ``weights_path``."""
-    torch.manual_seed(seed)
-    model = timm.create_model(BACKBONE, pretrained=False, num_classes=0,
-                              **{**BACKBONE_KWARGS, **overrides})
+    model = create_vit(BACKBONE, "narrow", dtype=torch.float32, seed=seed, num_classes=0,
+                       **overrides)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
