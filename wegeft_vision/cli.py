@@ -28,8 +28,9 @@ from .training.predictions import PredictionWriter
 from .training.summary import RunSummary
 
 DESCRIPTION = ("Fine-tune timm ViTs with WeGeFT and baselines. Subcommands: fit, validate, test, "
-               "predict (Lightning) and export (checkpoint -> merged plain-timm safetensors; "
-               "see `wegeft-vision export --help`).")
+               "predict (Lightning), export (checkpoint -> merged plain-timm safetensors; "
+               "see `wegeft-vision export --help`), and the paper's protocols: protocol, sweep, "
+               "summarize (see `wegeft-vision protocol --help`).")
 
 
 INT_OR_FRACTION_ARGS = ("limit_train_batches", "limit_val_batches", "limit_test_batches",
@@ -220,6 +221,12 @@ def cli_main(args: Optional[Union[list[str], dict[str, Any]]] = None, run: bool 
     argv = sys.argv[1:] if args is None else list(args)
     if run and argv[:1] == ["export"]:
         _export_main(argv[1:])
+        return None
+    if run and argv[:1] in (["protocol"], ["sweep"], ["summarize"]):
+        from .protocols import commands  # it builds runs with this module: loaded when used
+        code = getattr(commands, f"{argv[0]}_command")(argv[1:])
+        if code:
+            sys.exit(code)
         return None
     cli = cli_class(
         ViTClassifier, ImageDataModule, subclass_mode_data=True, args=args, run=run,

@@ -135,9 +135,12 @@ def sweep_command(argv: Optional[Sequence[str]] = None) -> int:
 
 def summarize_command(argv: Optional[Sequence[str]] = None) -> int:
     """``wegeft-vision summarize``: tables and figures from results folders."""
-    from . import report
-
-    parser = ArgumentParser(prog="wegeft-vision summarize", description=report.__doc__)
+    parser = ArgumentParser(prog="wegeft-vision summarize",
+                            description="Tables (summary.md, vtab.csv, fgvc.csv, fewshot.csv, "
+                                        "vtab_other.csv) and figures (*.png) from the records "
+                                        "of results folders; when two folders hold the same "
+                                        "run, the newer record is used and the choice "
+                                        "reported.")
     parser.add_argument("results", type=Path, nargs="+",
                         help="results folder(s) written by protocol or sweep (their --out)")
     parser.add_argument("--out", type=Optional[Path], default=None,
