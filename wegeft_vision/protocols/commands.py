@@ -45,8 +45,12 @@ def _build(cfg: Namespace, cls: type, skip: Sequence[str] = ()) -> Any:
     return cls(**{name: values[name] for name in names if name in values})
 
 
-def _configure_logging() -> None:
+def _parse(parser: ArgumentParser, argv: Optional[Sequence[str]]
+           ) -> tuple[Namespace, ProtocolRunner, ClusterOptions]:
+    """The parsed options, the runner and the cluster options they describe."""
+    cfg = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return cfg, _build(cfg, ProtocolRunner, skip=("executor",)), _build(cfg, ClusterOptions)
 
 
 def protocol_command(argv: Optional[Sequence[str]] = None) -> int:
@@ -61,11 +65,8 @@ def protocol_command(argv: Optional[Sequence[str]] = None) -> int:
                         help="task or dataset name (aliases accepted, e.g. cifar100)")
     parser.add_argument("--shots", type=Optional[int], default=None,
                         help="fewshot: training images per class")
-    cfg = parser.parse_args(argv)
-    _configure_logging()
+    cfg, runner, options = _parse(parser, argv)
     task = resolve_task(cfg.benchmark, cfg.task, cfg.shots, cfg.data_root)
-    runner: ProtocolRunner = _build(cfg, ProtocolRunner, skip=("executor",))
-    options: ClusterOptions = _build(cfg, ClusterOptions)
     if options.launcher != "local":
         collected = launch(options, runner, [task])
         if collected is None:  # submitted to SLURM
@@ -100,11 +101,8 @@ def sweep_command(argv: Optional[Sequence[str]] = None) -> int:
                              "its GPU, running one task's protocol at a time")
     parser.add_argument("--workers", type=Optional[int], default=None,
                         help="this many worker processes, not pinned to a GPU")
-    cfg = parser.parse_args(argv)
-    _configure_logging()
+    cfg, runner, options = _parse(parser, argv)
     tasks = benchmark_tasks(cfg.benchmark, cfg.tasks, cfg.shots, cfg.data_root)
-    runner: ProtocolRunner = _build(cfg, ProtocolRunner, skip=("executor",))
-    options: ClusterOptions = _build(cfg, ClusterOptions)
     if cfg.devices is not None and cfg.workers is not None:
         raise UserError("give --devices or --workers, not both")
     if cfg.workers is not None and cfg.workers <= 0:
