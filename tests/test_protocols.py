@@ -6,12 +6,13 @@ import hashlib
 import io
 import json
 import math
+import os
+import pickle
 import re
 import statistics
 import sys
 import warnings
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -19,9 +20,13 @@ from PIL import Image
 
 from tests.helpers.data import make_fewshot, make_fgvc, make_vtab_task
 from tests.helpers.models import create_vit
-from wegeft_vision.protocols import (PAPER_GRID, RunKey, RunRecord, expand_grid, fewshot_table,
-                                     fgvc_table, parse_grid, ppt_score, read_record,
-                                     read_results, resolve_task, vtab_table, write_record)
+from wegeft_vision.errors import UserError
+from wegeft_vision.protocols import (PAPER_GRID, ProtocolRunner, RunKey, RunRecord, check_grid,
+                                     expand_grid, fewshot_table, fgvc_table, ppt_score,
+                                     read_record, read_results, resolve_task, vtab_table,
+                                     write_record)
+from wegeft_vision.protocols.commands import (protocol_command, summarize_command,
+                                              sweep_command)
 from wegeft_vision.protocols.report import write_summary
 from wegeft_vision.protocols.summary import fewshot_csv
 
@@ -41,7 +46,7 @@ FGVC = ["CUB_200_2011", "nabirds", "OxfordFlowers", "StanfordDogs", "StanfordCar
 def make_record(**fields) -> RunRecord:
     base = dict(benchmark="vtab", task="dtd", method="wegeft", phase="final", seed=0,
                 hparams={"model.lr": 1e-3, "model.weight_decay": 0.0}, val_acc=0.5,
-                test_acc=0.6, epochs=100, trainable_params=24_576,
+                test_acc=0.6, epochs=100, schedule_epochs=100, trainable_params=24_576,
                 backbone_params=85_798_656, head_params=36_143, wall_time_s=12.5,
                 peak_memory_mb=1024.0, memory_kind="cuda_max_allocated",
                 finished_at="2026-01-01T00:00:00+00:00")
@@ -112,38 +117,36 @@ def test_read_results_missing_folder(tmp_path):
 
 # --- grids and task names -----------------------------------------------------------------
 
-def test_grid_parsing_and_expansion():
-    grid = parse_grid(["model.lr=1e-4,2.5e-3", "--model.weight_decay=0", "model.tag=a"])
-    assert grid == {"model.lr": [1e-4, 2.5e-3], "model.weight_decay": [0], "model.tag": ["a"]}
+def test_grid_expansion():
     assert expand_grid({"a": [1, 2], "b": [3, 4]}) == [
         {"a": 1, "b": 3}, {"a": 1, "b": 4}, {"a": 2, "b": 3}, {"a": 2, "b": 4}]
     assert len(expand_grid(PAPER_GRID)) == 24
 
 
-@pytest.mark.parametrize("specs, message", [
-    (["model.lr="], "grid parameter 'model.lr' has no values"),
-    (["model.lr=, ,"], "grid parameter 'model.lr' has no values"),
-    ([], "the search grid has no parameters"),
-    (["model.lr"], "grid entry 'model.lr' must look like"),
-    (["model.lr=1", "model.lr=2"], "grid parameter 'model.lr' is given twice"),
-    (["model.lr=1,1"], "grid parameter 'model.lr' repeats a value"),
+@pytest.mark.parametrize("grid, message", [
+    ({"model.lr": []}, "grid parameter 'model.lr' has no values"),
+    ({}, "the search grid has no parameters"),
+    ({"model.lr": "1e-3"}, "grid parameter 'model.lr' needs a list of values"),
+    ({"model.lr": [1, 1]}, "grid parameter 'model.lr' repeats a value"),
 ])
-def test_bad_grids(specs, message):
-    with pytest.raises(ValueError, match=message):
-        parse_grid(specs)
+def test_bad_grids(grid, message):
+    with pytest.raises(UserError, match=message):
+        check_grid(grid)
 
 
 def test_task_names_resolve_and_suggest(tmp_path):
     assert resolve_task("vtab", "cifar100").task == "cifar"
     assert resolve_task("fgvc", "cub").task == "CUB_200_2011"
     assert resolve_task("fewshot", "aircraft", shots=4).shots == 4
-    with pytest.raises(ValueError, match=r"unknown VTAB-1k task 'eurosta' \(did you mean "
-                                         r"'eurosat'\?\).*has no folder 'eurosta'"):
+    with pytest.raises(UserError, match=r"unknown VTAB-1k task 'eurosta' \(did you mean "
+                                        r"'eurosat'\?\).*has no folder 'eurosta'"):
         resolve_task("vtab", "eurosta", data_root=tmp_path)
-    with pytest.raises(ValueError, match=r"unknown benchmark 'vtab1k' \(did you mean 'vtab'"):
+    with pytest.raises(UserError, match=r"unknown benchmark 'vtab1k' \(did you mean 'vtab'"):
         resolve_task("vtab1k", "dtd")
-    with pytest.raises(ValueError, match="shots must be given for few-shot tasks"):
+    with pytest.raises(UserError, match="shots must be given for few-shot tasks"):
         resolve_task("fewshot", "food101")
+    with pytest.raises(UserError, match=r"unknown FGVC task 'birds'"):
+        resolve_task("fgvc", "birds", data_root=tmp_path)  # FGVC has no custom datasets
     (tmp_path / "digits").mkdir()
     assert resolve_task("vtab", "digits", data_root=tmp_path).task == "digits"
 
@@ -213,6 +216,28 @@ def test_published_rows_sit_next_to_ours():
     assert float(rows["wegeft"]["Mean"]) == pytest.approx(80.0)
     assert float(rows["WeGeFT (published)"]["StanfordCars"]) == 84.28
     assert float(rows["WeGeFT (published)"]["Mean"]) == 89.39
+
+
+def test_published_rows_follow_our_runs_of_the_same_method():
+    """Each published row (the paper's VTAB-1k means over 19 tasks) right below our rows of the
+    method it measures, matched by the adapter registry's name, whatever our label is."""
+    runs = [make_record(method=label, adapter_method=method, task=t, test_acc=0.5)
+            for label, method in (("bitfit_linear", "bitfit"), ("my_lora", "lora"),
+                                  ("vpt_deep", "vpt"), ("zz_wegeft", "wegeft"))
+            for t in VTAB]
+    table = vtab_table(runs, published=True)
+    order = [row[0] for row in table.rows]
+    assert order == ["bitfit_linear", "BitFit (published)", "my_lora", "LoRA (published)",
+                     "vpt_deep", "VPT (published)", "zz_wegeft", "WeGeFT (published)"]
+    means = {row[0]: row[table.columns.index("Mean")] for row in table.rows}
+    assert {k: v for k, v in means.items() if "published" in k} == {
+        "VPT (published)": 72.68, "BitFit (published)": 72.37, "LoRA (published)": 73.95,
+        "WeGeFT (published)": 74.09}
+    # Without our runs of a method, its published row comes last.
+    only_lora = vtab_table([r for r in runs if r.adapter_method == "lora"], published=True)
+    assert [row[0] for row in only_lora.rows] == ["my_lora", "LoRA (published)",
+                                                  "VPT (published)", "BitFit (published)",
+                                                  "WeGeFT (published)"]
 
 
 def test_fewshot_table_mean_and_std_over_seeds():
@@ -295,21 +320,24 @@ def tiny_backbone_params() -> int:
     return sum(p.numel() for p in create_vit("vit_tiny_patch16_224", num_classes=0).parameters())
 
 
+def make_tiny_vtab(root: Path, tasks=(("eurosat", 10), ("kitti", 4))) -> Path:
+    for task, classes in tasks:
+        labels = {"train800": 20, "val200": 10, "test": 10}
+        make_vtab_task(root, task, {k: [i % classes for i in range(n)]
+                                    for k, n in labels.items()}, size=(32, 32))
+    return root
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    """VTAB-1k (search 2x1 -> 2 seeds), FGVC (search 2x1 -> 1 seed), few-shot (2 shots x 2
-    seeds) on tiny data through the real training CLI, then the summary."""
-    from wegeft_vision.protocols import runner, sweep
-    from wegeft_vision.protocols.report import main as summarize
-
+    """VTAB-1k (search 2x1 -> 2 seeds) through `wegeft-vision protocol`, FGVC (search 2x1 -> 1
+    seed) through the library, few-shot (2 shots x 2 seeds) through `wegeft-vision sweep`, all
+    training on tiny data, then `wegeft-vision summarize`."""
     base = tmp_path_factory.mktemp("chain")
     config = base / "tiny.yaml"
     config.write_text(TINY_CONFIG)
     vtab_root, fgvc_root, fewshot_root = base / "vtab", base / "fgvc", base / "fewshot"
-    for task, classes in (("eurosat", 10), ("kitti", 4)):
-        labels = {"train800": 20, "val200": 10, "test": 10}
-        make_vtab_task(vtab_root, task, {k: [i % classes for i in range(n)]
-                                         for k, n in labels.items()}, size=(32, 32))
+    make_tiny_vtab(vtab_root)
     make_fgvc(fgvc_root / "OxfordFlowers", ".", {
         "train": {f"jpg/image_{i:05d}.jpg": i + 1 for i in range(102)},
         "val": {f"jpg/image_{i:05d}.jpg": i % 102 + 1 for i in range(102, 112)},
@@ -319,27 +347,31 @@ def chain(tmp_path_factory):
         **{f"train_meta.list.num_shot_{k}.seed_{s}": pets * k for k in (1, 2) for s in (0, 1)},
         "val_meta.list": pets[:8], "test_meta.list": pets[:12]})
     out = base / "results"
-    common = ["--method", "wegeft", f"--config={config}", "--out", str(out),
-              "--search-epochs", "1", "--final-epochs", "1"]
-    # VTAB-1k through the run_protocol command line; `--` passes arguments to the training CLI.
-    argv = ["--benchmark", "vtab", "--data-root", str(vtab_root), "--task", "eurosat",
-            "--grid", "model.lr=1e-3,3e-2", "--grid", "model.weight_decay=0",
-            "--seeds", "0,1", *common, "--", "--data.batch_size=10"]
-    # As from a shell: sys.argv holds the protocol's own arguments while it calls the CLI.
-    with mock.patch.object(sys, "argv", ["run_protocol.py", *argv]), \
-            warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert runner.main(argv) == 0
-    fgvc = runner.ProtocolRunner(out, fgvc_root, "fgvc", "wegeft", configs=[config],
-                                 grid={"model.lr": [1e-3, 3e-2], "model.weight_decay": [0.0]},
-                                 search_epochs=1, final_epochs=1)
-    fgvc_result = fgvc.run(runner.resolve_task("fgvc", "flowers"))
-    assert sweep.main(["--benchmark", "fewshot", "--data-root", str(fewshot_root),
-                       "--tasks", "oxford_pets", "--shots", "1,2", "--seeds", "0,1",
-                       *common]) == 0
-    assert summarize([str(out), "--published"]) == 0
+    common = ["--method", "wegeft", "--configs+", str(config), "--out", str(out),
+              "--search_epochs", "1", "--final_epochs", "2"]
+    argv = ["--benchmark", "vtab", "--data_root", str(vtab_root), "--task", "eurosat",
+            "--grid", "{model.lr: [1e-3, 3e-2], model.weight_decay: [0]}", "--seeds", "[0, 1]",
+            *common, "--overrides", "{data.init_args.batch_size: 10}"]
+    # As from a shell: sys.argv holds the protocol command's own arguments while it trains.
+    argv_before = ["wegeft-vision", "protocol", *argv]
+    sys.argv, saved = list(argv_before), sys.argv
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert protocol_command(argv) == 0
+        argv_after = list(sys.argv)
+    finally:
+        sys.argv = saved
+    fgvc = ProtocolRunner(out, fgvc_root, "fgvc", "wegeft", configs=[config],
+                          grid={"model.lr": [1e-3, 3e-2], "model.weight_decay": [0.0]},
+                          search_epochs=1, final_epochs=1)
+    fgvc_result = fgvc.run(resolve_task("fgvc", "flowers"))
+    assert sweep_command(["--benchmark", "fewshot", "--data_root", str(fewshot_root),
+                          "--tasks", "[oxford_pets]", "--shots", "[1, 2]", "--seeds", "[0, 1]",
+                          *common]) == 0
+    assert summarize_command([str(out)]) == 0
     return {"out": out, "vtab_root": vtab_root, "config": config, "fgvc": fgvc,
-            "fgvc_result": fgvc_result, "common": common,
+            "fgvc_result": fgvc_result, "argv": argv, "argv_unchanged": argv_after == argv_before,
             "warnings": [str(w.message) for w in caught]}
 
 
@@ -358,15 +390,25 @@ def test_chain_search_picks_the_best_and_final_runs_use_it(chain):
     backbone = tiny_backbone_params()
     for record in vtab:
         accuracy = record.val_acc if record.phase == "search" else record.test_acc
-        assert record.epochs == 1 and 0.0 <= accuracy <= 1.0
+        # The search stops after epoch 1 of the final runs' 2-epoch schedule.
+        assert record.epochs == (1 if record.phase == "search" else 2)
+        assert record.schedule_epochs == 2 and 0.0 <= accuracy <= 1.0
+        assert record.settings["epochs"] == record.epochs
+        assert record.settings["schedule_epochs"] == 2
         assert record.trainable_params == TINY_TRAINABLE and record.backbone_params == backbone
         assert record.head_params == 32 * 10 + 10
+        assert record.adapter_method == "wegeft"
         assert record.adapter["class_path"].endswith(".WeGeFTConfig")
         assert record.adapter["init_args"]["rank"] == 4
         assert record.versions["timm"] and record.versions["torch"]
         assert record.memory_kind == "process_peak_rss" and record.peak_memory_mb > 10
-        assert record.wall_time_s > 0 and record.config_digest
-        assert "--data.batch_size=10" in record.cli_args
+        assert record.wall_time_s > 0
+        # The run as the training CLI's parser resolved it: configs, then the override.
+        data = record.settings["config"]["data"]
+        assert data["init_args"]["batch_size"] == 10 and data["init_args"]["task"] == "eurosat"
+        assert data["init_args"]["split"] == ("train800" if record.phase == "search"
+                                              else "train800val200")
+        assert record.settings["config"]["model"]["lr"] == record.hparams["model.lr"]
     assert all(r.test_acc is None for r in search) and all(r.test_acc is not None for r in final)
     # By default only final runs keep their checkpoints.
     runs = chain["out"] / "runs" / "vtab" / "wegeft" / "eurosat"
@@ -377,28 +419,56 @@ def test_chain_search_picks_the_best_and_final_runs_use_it(chain):
     assert fgvc.final[0].task == "OxfordFlowers" and fgvc.final[0].head_params == 32 * 102 + 102
     fewshot = sorted((r.shots, r.seed) for r in results.records if r.benchmark == "fewshot")
     assert fewshot == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert not list((chain["out"] / "claims").rglob("*.claim"))  # every claim was released
 
 
-def test_chain_runs_do_not_warn_about_args_and_command_line(chain):
+def test_chain_runs_leave_the_command_line_alone(chain):
+    """The protocol resolves each run through the training CLI's parser from a dict of
+    settings: no argv of its own, sys.argv untouched, no warning about seeing both."""
+    assert chain["argv_unchanged"]
     assert len(chain["warnings"]) > 0  # warnings were recorded at all
     assert not [w for w in chain["warnings"] if "not recommended to provide both" in w]
 
 
-def test_chain_rerun_does_no_work(chain, monkeypatch):
-    from wegeft_vision import cli
+def test_runs_are_built_from_settings_not_argv(tmp_path, monkeypatch):
     from wegeft_vision.protocols import runner
 
-    def no_training(*args, **kwargs):
+    root = make_tiny_vtab(tmp_path / "vtab", (("eurosat", 10),))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_CONFIG)
+    calls = []
+    real = runner.cli_main
+
+    def spy(args, run=True, cli_class=None):
+        calls.append((args, list(sys.argv)))
+        return real(args, run=run, cli_class=cli_class)
+
+    monkeypatch.setattr(runner, "cli_main", spy)
+    monkeypatch.setattr(sys, "argv", ["wegeft-vision", "protocol", "--task", "eurosat"])
+    protocol = ProtocolRunner(tmp_path / "out", root, "vtab", "wegeft", configs=[config],
+                              search=False, final_epochs=1,
+                              overrides={"data.init_args.batch_size": 8})
+    protocol.run(resolve_task("vtab", "eurosat"))
+    assert len(calls) == 2  # parsed for the run's identity, then built to train
+    for args, argv in calls:
+        assert isinstance(args, dict) and args["config"] == [config]
+        assert args["data"]["init_args"]["batch_size"] == 8
+        assert args["trainer"]["max_epochs"] == 1 and args["seed_everything"] == 0
+        assert argv == ["wegeft-vision", "protocol", "--task", "eurosat"]
+
+
+def test_chain_rerun_does_no_work(chain, monkeypatch):
+    from wegeft_vision.protocols import runner
+
+    def no_training(spec):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(cli, "cli_main", no_training)
+    monkeypatch.setattr(runner, "train_run", no_training)
     records = sorted((chain["out"] / "records").rglob("*.json"))
     before = {p: p.stat().st_mtime_ns for p in records}
-    assert chain["fgvc"].run(runner.resolve_task("fgvc", "OxfordFlowers")).executed == 0
-    assert runner.main(["--benchmark", "vtab", "--data-root", str(chain["vtab_root"]),
-                        "--task", "eurosat", "--grid", "model.lr=1e-3,3e-2",
-                        "--grid", "model.weight_decay=0", "--seeds", "0,1", *chain["common"],
-                        "--", "--data.batch_size=10"]) == 0
+    chain["fgvc"].executor = no_training
+    assert chain["fgvc"].run(resolve_task("fgvc", "OxfordFlowers")).executed == 0
+    assert protocol_command(chain["argv"]) == 0
     assert {p: p.stat().st_mtime_ns for p in records} == before
 
 
@@ -414,10 +484,10 @@ def test_chain_reruns_a_corrupt_record_only(chain, caplog):
 
     def counting(spec):
         calls.append(spec.key)
-        return runner.cli_executor(spec)
+        return runner.train_run(spec)
 
     fgvc.executor = counting
-    result = fgvc.run(runner.resolve_task("fgvc", "OxfordFlowers"))
+    result = fgvc.run(resolve_task("fgvc", "OxfordFlowers"))
     assert calls == [final] and result.executed == 1
     assert "running it again" in caplog.text and str(path) in caplog.text
     again = read_record(path)
@@ -440,7 +510,9 @@ def test_chain_tables_and_plots(chain):
     assert rows["wegeft"]["Natural"] == ""
     assert float(rows["wegeft"]["Params (%)"]) == pytest.approx(
         100 * TINY_TRAINABLE / tiny_backbone_params())
-    assert "WeGeFT (published)" in rows
+    # summarize shows the published rows by default, ours first (wegeft beside WeGeFT's).
+    assert list(rows)[:2] == ["wegeft", "WeGeFT (published)"]
+    assert {"VPT (published)", "BitFit (published)", "LoRA (published)"} <= set(rows)
     fgvc_rows = {row["Method"]: row for row in csv.DictReader((summary_dir / "fgvc.csv").open())}
     assert float(fgvc_rows["wegeft"]["OxfordFlowers"]) == pytest.approx(
         finals[("fgvc", "OxfordFlowers")][0])
@@ -454,14 +526,13 @@ def test_chain_tables_and_plots(chain):
 
 
 def test_sweep_pins_each_process_to_a_device(chain, tmp_path):
-    from wegeft_vision.protocols import sweep
-
     out = tmp_path / "sweep"
-    args = ["--benchmark", "vtab", "--data-root", str(chain["vtab_root"]), "--method", "probe",
-            f"--config={chain['config']}", "--out", str(out), "--tasks", "eurosat,kitti",
-            "--no-search", "--final-epochs", "1", "--devices", "7,9",
-            "--", "--model.adapter=wegeft_vision.LinearProbeConfig"]
-    assert sweep.main(args) == 0
+    args = ["--benchmark", "vtab", "--data_root", str(chain["vtab_root"]), "--method", "probe",
+            "--configs+", str(chain["config"]), "--out", str(out),
+            "--tasks", "[eurosat, kitti]", "--search", "false", "--final_epochs", "1",
+            "--devices", "[7, 9]",
+            "--overrides", "{model.adapter: {class_path: wegeft_vision.LinearProbeConfig}}"]
+    assert sweep_command(args) == 0
     finals = read_results(out / "records").records
     assert sorted((r.task, r.head_params) for r in finals) == [("eurosat", 32 * 10 + 10),
                                                                 ("kitti", 32 * 4 + 4)]
@@ -471,147 +542,234 @@ def test_sweep_pins_each_process_to_a_device(chain, tmp_path):
     devices = {line.rsplit("=", 1)[1] for p in logs for line in p.read_text().splitlines()
                if "CUDA_VISIBLE_DEVICES=" in line}
     assert devices == {"7", "9"}
+    # Each worker read its job from a file: the runner's arguments and the task, no argv.
+    job = json.loads((out / "logs" / "vtab_probe_kitti.job.json").read_text())
+    assert job["task"] == {"benchmark": "vtab", "task": "kitti", "shots": None}
+    assert job["runner"]["overrides"] == {
+        "model.adapter": {"class_path": "wegeft_vision.LinearProbeConfig"}}
 
 
-def test_runner_rejects_bad_input_before_training(chain, tmp_path, capsys):
-    from wegeft_vision.protocols import runner
-
+def test_runner_rejects_bad_input_before_training(chain, tmp_path):
     def make(**kwargs):
-        args = dict(out_dir=tmp_path, data_root=chain["vtab_root"], benchmark="vtab",
+        args = dict(out=tmp_path, data_root=chain["vtab_root"], benchmark="vtab",
                     method="wegeft", configs=[chain["config"]])
-        return runner.ProtocolRunner(**(args | kwargs))
+        return ProtocolRunner(**(args | kwargs))
 
-    with pytest.raises(ValueError, match="override '--model.lr=1' sets 'model.lr', which the "
-                                         "search grid varies"):
-        make(grid={"model.lr": [1e-3]}, overrides=["--model.lr=1"])
-    with pytest.raises(ValueError, match="'trainer.max_epochs', which the protocol controls"):
-        make(overrides=["--trainer.max_epochs=3"])
-    with pytest.raises(ValueError, match="grid parameter 'model.lr' has no values"):
+    with pytest.raises(UserError, match="override 'model.lr' is a parameter the search grid "
+                                        "varies"):
+        make(grid={"model.lr": [1e-3]}, overrides={"model.lr": 1})
+    with pytest.raises(UserError, match="override 'trainer' sets 'trainer.max_epochs', which "
+                                        "the protocol sets"):
+        make(overrides={"trainer": {"max_epochs": 3}})
+    with pytest.raises(UserError, match="override 'data.init_args.split' sets "
+                                        "'data.init_args.split'"):
+        make(overrides={"data.init_args.split": "train800"})
+    with pytest.raises(UserError, match="the search grid varies 'seed_everything'"):
+        make(grid={"seed_everything": [1, 2]})
+    with pytest.raises(UserError, match="grid parameter 'model.lr' has no values"):
         make(grid={"model.lr": []})
     with pytest.raises(FileNotFoundError, match="config file .*missing.yaml does not exist"):
         make(configs=[tmp_path / "missing.yaml"])
-    with pytest.raises(ValueError, match="seeds must be distinct"):
+    with pytest.raises(UserError, match="seeds must be distinct"):
         make(seeds=[0, 0])
-    with pytest.raises(SystemExit):
-        runner.main(["--benchmark", "vtab", "--data-root", str(chain["vtab_root"]),
-                     "--task", "eurosta", "--method", "wegeft", "--out", str(tmp_path)])
-    assert "unknown VTAB-1k task 'eurosta' (did you mean 'eurosat'?)" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        runner.main(["--benchmark", "vtab", "--data-root", str(chain["vtab_root"]),
-                     "--task", "eurosat", "--method", "wegeft", "--out", str(tmp_path),
-                     "--grid", "model.lr="])
-    assert "grid parameter 'model.lr' has no values" in capsys.readouterr().err
+    with pytest.raises(UserError, match="search_epochs between 1 and it"):
+        make(search_epochs=60, final_epochs=50)
+    base = ["--benchmark", "vtab", "--data_root", str(chain["vtab_root"]), "--method", "wegeft",
+            "--out", str(tmp_path)]
+    with pytest.raises(UserError, match=r"unknown VTAB-1k task 'eurosta' \(did you mean "
+                                        r"'eurosat'\?\)"):
+        protocol_command([*base, "--task", "eurosta"])
+    with pytest.raises(UserError, match="grid parameter 'model.lr' has no values"):
+        protocol_command([*base, "--task", "eurosat", "--grid", "{model.lr: []}"])
+
+
+@pytest.mark.parametrize("command, options", [
+    (protocol_command, ["--task", "--configs", "--overrides", "--grid", "--search_epochs",
+                        "--launcher", "--claim_timeout_s"]),
+    (sweep_command, ["--tasks", "--shots", "--devices", "--workers", "--configs"]),
+    (summarize_command, ["results", "--out", "--published"]),
+])
+def test_commands_explain_their_options(command, options, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        command(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    missing = [o for o in options if o not in text]
+    assert not missing, text
+
+
+# --- security, and the search as the authors run it ---------------------------------------
+
+class _WritesMarker:
+    """A pickle whose loading runs code: it writes a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_a_planted_checkpoint_in_a_run_folder_runs_no_code(tmp_path, caplog):
+    """A last.ckpt planted in a run folder (a shared or copied results folder) is never
+    unpickled: the run starts afresh instead of resuming from it."""
+    root = make_tiny_vtab(tmp_path / "vtab", (("eurosat", 10),))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_CONFIG)
+    protocol = ProtocolRunner(tmp_path / "out", root, "vtab", "wegeft", configs=[config],
+                              search=False, final_epochs=2)
+    task = resolve_task("vtab", "eurosat")
+    spec = protocol.spec(task, "final", {}, 0)
+    # The folder says it holds this very run, part done: the old runner would resume it.
+    (spec.run_dir / "checkpoints").mkdir(parents=True)
+    (spec.run_dir / "settings.json").write_text(json.dumps({"settings_digest": spec.digest}))
+    marker = tmp_path / "marker.txt"
+    with open(spec.run_dir / "checkpoints" / "last.ckpt", "wb") as f:
+        pickle.dump({"epoch": 0, "payload": _WritesMarker(marker)}, f)
+    result = protocol.run(task)
+    assert not marker.exists(), "the planted checkpoint ran its code"
+    assert result.executed == 1 and result.final[0].epochs == 2
+    assert "not a checkpoint that loads without running code" in caplog.text
+    # The fresh run's own checkpoint loads without unpickling code.
+    from wegeft_vision.protocols.runner import checkpoint_epoch
+    assert checkpoint_epoch(spec.run_dir / "checkpoints" / "last.ckpt") == 1
+
+
+def test_search_trains_the_first_epochs_of_the_final_schedule(tmp_path):
+    """The authors' search: the 100-epoch schedule stopped after epoch 50 (here: 4 stopped
+    after 1), so the lr at the end of a search run is the final schedule's at that step, far
+    above min_lr, which a complete short schedule would have reached."""
+    root = make_tiny_vtab(tmp_path / "vtab", (("eurosat", 10),))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_CONFIG)
+    lr, min_lr = 0.01, 1e-6
+    protocol = ProtocolRunner(tmp_path / "out", root, "vtab", "wegeft", configs=[config],
+                              grid={"model.lr": [lr]}, search_epochs=1, final_epochs=4,
+                              overrides={"data.init_args.batch_size": 10})
+    spec = protocol.spec(resolve_task("vtab", "eurosat"), "search", {"model.lr": lr}, 0)
+    assert (spec.epochs, spec.schedule_epochs) == (1, 4)
+    spec.run_dir.mkdir(parents=True)
+    cli = spec.build()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    steps_per_epoch = 2  # 20 train800 images in batches of 10
+    step = cli.trainer.global_step
+    assert step == steps_per_epoch
+    expected = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * step / (4 * step)))
+    last_lrs = cli.trainer.lr_scheduler_configs[0].scheduler.get_last_lr()
+    assert last_lrs == pytest.approx([expected] * len(last_lrs), rel=1e-9)
+    assert last_lrs[0] > 0.8 * lr
+    # Both lengths are in the record's identity: another schedule is another run.
+    longer = ProtocolRunner(tmp_path / "out", root, "vtab", "wegeft", configs=[config],
+                            grid={"model.lr": [lr]}, search_epochs=1, final_epochs=5,
+                            overrides={"data.init_args.batch_size": 10})
+    other = longer.spec(resolve_task("vtab", "eurosat"), "search", {"model.lr": lr}, 0)
+    assert other.digest != spec.digest and other.identity["schedule_epochs"] == 5
 
 
 # --- record identity: settings that change the result make other runs ------------------------
 
-def _fake_cli(calls: list):
-    """Stands in for the training CLI: records each command line; accuracies follow the lr."""
-    from types import SimpleNamespace
-
-    import torch
-
+def _fake_executor(calls: list):
+    """Stands in for training: records each run; accuracies follow the lr."""
     from wegeft_vision.adapters.model import ParameterCount
+    from wegeft_vision.protocols.runner import RunOutcome
 
-    def cli_main(args):
-        calls.append(args)
-        value = dict(a[2:].split("=", 1) for a in args[1:] if a.startswith("--") and "=" in a)
-        acc = torch.tensor(min(0.9, 10 * float(value.get("model.lr", 0.01))))
-        model = SimpleNamespace(parameter_count=lambda: ParameterCount(256, 330, 60_000, 60_586),
-                                adapter_config=SimpleNamespace(to_dict=lambda: {"rank": 4}))
-        trainer = SimpleNamespace(callback_metrics={"val/acc": acc, "test/acc": acc / 2},
-                                  current_epoch=int(value["trainer.max_epochs"]))
-        return SimpleNamespace(trainer=trainer, model=model)
-    return cli_main
+    def execute(spec):
+        calls.append((spec.key.phase, spec.epochs, spec.schedule_epochs))
+        acc = min(0.9, 10 * float(spec.key.hparams[0][1]) if spec.key.hparams else 0.5)
+        return RunOutcome(val_acc=acc, test_acc=acc / 2, epochs=spec.epochs,
+                          params=ParameterCount(256, 330, 60_000, 60_586))
+    return execute
 
 
-def test_changed_settings_make_new_runs_and_identical_ones_none(tmp_path, monkeypatch, caplog):
+def test_changed_settings_make_new_runs_and_identical_ones_none(tmp_path, caplog):
     import shutil
 
-    from wegeft_vision import cli
-    from wegeft_vision.protocols import runner
-
-    calls: list = []
-    monkeypatch.setattr(cli, "cli_main", _fake_cli(calls))
-    root = tmp_path / "vtab"
-    make_vtab_task(root, "eurosat", {"train800": [0, 1], "val200": [0, 1], "test": [1, 0]})
+    root = make_tiny_vtab(tmp_path / "vtab", (("eurosat", 10),))
     config, weights = tmp_path / "tiny.yaml", tmp_path / "backbone.safetensors"
     config.write_text(TINY_CONFIG)
     weights.write_bytes(b"weights v1")
-    out = tmp_path / "results"
+    calls: list = []
 
-    def run(*extra, data_root=root, overrides=()):
+    def run(data_root=root, overrides=None, **kwargs):
         calls.clear()
-        argv = ["--benchmark", "vtab", "--data-root", str(data_root), "--task", "eurosat",
-                "--method", "wegeft", f"--config={config}", "--out", str(out),
-                "--grid", "model.lr=1e-3,3e-2", "--grid", "model.weight_decay=0",
-                "--search-epochs", "1", "--final-epochs", "1", *extra,
-                "--", f"--model.weights_path={weights}", *overrides]
-        assert runner.main(argv) == 0
-        return sorted(("search" if "--test_after_fit=false" in a else "final",
-                       next(x for x in a if x.startswith("--trainer.max_epochs")))
-                      for a in calls)
+        protocol = ProtocolRunner(
+            tmp_path / "results", data_root, "vtab", "wegeft", configs=[config],
+            grid={"model.lr": [1e-3, 3e-2], "model.weight_decay": [0]},
+            overrides={"model.weights_path": str(weights), **(overrides or {})},
+            executor=_fake_executor(calls), **({"search_epochs": 1, "final_epochs": 2} | kwargs))
+        protocol.run(resolve_task("vtab", "eurosat"))
+        return sorted(calls)
 
     assert len(run()) == 3  # 2 search runs, 1 final run
     assert run() == []  # identical settings: nothing to do
-    assert run("--search-epochs", "2") == [
-        ("search", "--trainer.max_epochs=2")] * 2  # the same best: the final run stands
+    # The search stops later in the same schedule: the same best, the final run stands.
+    assert run(search_epochs=2) == [("search", 2, 2)] * 2
     assert "other settings (epochs 1 -> 2)" in caplog.text
-    assert run("--search-epochs", "2", "--final-epochs", "3") == [
-        ("final", "--trainer.max_epochs=3")]
-    base = ("--search-epochs", "2", "--final-epochs", "3")
-    assert run(*base) == []
+    # Another schedule length: the search runs too, as they train its first epochs.
+    assert run(search_epochs=2, final_epochs=3) == [("final", 3, 3)] + [("search", 2, 3)] * 2
+    base = {"search_epochs": 2, "final_epochs": 3}
+    assert run(**base) == []
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
-    assert len(run(*base, data_root=copy)) == 3  # another data root
-    assert len(run(*base)) == 3  # and back: the records name the copy's root now
+    assert len(run(data_root=copy, **base)) == 3  # another data root
+    assert len(run(**base)) == 3  # and back: the records name the copy's root now
     caplog.clear()
     with open(root / "eurosat" / "test.txt", "a") as f:  # a list file's content: test only
         f.write("images/test/000000.jpg 0\n")
-    assert [c[0] for c in run(*base)] == ["final"]
+    assert [c[0] for c in run(**base)] == ["final"]
     assert "data.files.eurosat/test.txt" in caplog.text
-    assert len(run(*base, overrides=["--data.batch_size=4"])) == 3  # passed-through arguments
+    assert len(run(overrides={"data.init_args.batch_size": 4}, **base)) == 3  # an override
     config.write_text(TINY_CONFIG.replace("drop_path_rate: 0.0", "drop_path_rate: 0.1"))
-    assert len(run(*base, overrides=["--data.batch_size=4"])) == 3  # config content
+    caplog.clear()
+    assert len(run(overrides={"data.init_args.batch_size": 4}, **base)) == 3  # config content
+    assert "config.model.drop_path_rate 0.0 -> 0.1" in caplog.text
+    # The same content in another file resolves to the same runs.
+    moved = tmp_path / "moved.yaml"
+    shutil.copy(config, moved)
+    config, before = moved, config
+    assert run(overrides={"data.init_args.batch_size": 4}, **base) == []
     weights.write_bytes(b"weights v2")
-    assert len(run(*base, overrides=["--data.batch_size=4"])) == 3  # weights file content
-    assert run(*base, overrides=["--data.batch_size=4"]) == []
-    record = read_results(out / "records").records[0]
+    assert len(run(overrides={"data.init_args.batch_size": 4}, **base)) == 3  # weights content
+    assert run(overrides={"data.init_args.batch_size": 4}, **base) == []
+    record = read_results(tmp_path / "results" / "records").records[0]
     assert record.settings["weights"] == {"path": str(weights.resolve()),
                                           "sha256": hashlib.sha256(b"weights v2").hexdigest()}
     assert record.settings["data"]["root"] == str(root.resolve())
+    assert record.config_files == [str(moved)] and before.exists()
 
 
-def test_records_without_settings_are_stale_and_rerun(tmp_path, monkeypatch, caplog):
-    from wegeft_vision import cli
-    from wegeft_vision.protocols import runner
-
+def test_force_trains_again_only_what_was_there_before(tmp_path):
+    root = make_tiny_vtab(tmp_path / "vtab", (("eurosat", 10),))
     calls: list = []
-    monkeypatch.setattr(cli, "cli_main", _fake_cli(calls))
-    root = tmp_path / "vtab"
-    make_vtab_task(root, "eurosat", {"train800": [0, 1], "val200": [0, 1], "test": [1, 0]})
-    protocol = runner.ProtocolRunner(tmp_path / "out", root, "vtab", "wegeft", final_epochs=1)
-    task = runner.resolve_task("vtab", "eurosat")
-    key = RunKey.make("vtab", "eurosat", "wegeft", "final", 0, {})
-    old = make_record(task="eurosat", hparams={}, epochs=1)  # as written before settings
-    path = write_record(protocol.records_dir, old)
-    assert protocol.run(task).executed == 1 and len(calls) == 1
-    assert f"record {path} is stale: it predates records that name their settings" in caplog.text
-    assert read_record(path).settings_digest and read_record(path).key == key
+
+    def make(force):
+        return ProtocolRunner(tmp_path / "out", root, "vtab", "wegeft", search=False,
+                              seeds=[0, 1], final_epochs=1, force=force,
+                              overrides={"model.backbone_kwargs": {"img_size": 32}},
+                              executor=_fake_executor(calls))
+
+    task = resolve_task("vtab", "eurosat")
+    make(False).run(task)
+    assert len(calls) == 2
+    forced = make(True)
+    assert forced.run(task).executed == 2 and len(calls) == 4
+    assert forced.run(task).executed == 0  # its own records stand
 
 
 def test_summary_flags_means_over_different_settings():
-    def settings(epochs):
-        return {"epochs": epochs, "configs": [{"path": "a.yaml", "sha256": "c0"}],
-                "overrides": [], "backbone": "vit", "weights": None,
-                "data": {"root": "/data", "args": {}, "files": {}}}
+    def settings(epochs, task="dtd"):
+        # The task's own data arguments and the grid point differ between tasks: not flagged.
+        return {"epochs": epochs, "schedule_epochs": 100, "weights": None,
+                "data": {"root": "/data", "files": {}},
+                "config": {"model": {"lr": 1e-3, "drop_path_rate": 0.1},
+                           "data": {"init_args": {"task": task, "batch_size": 32}}}}
 
-    same = [make_record(task=t, seed=s, test_acc=0.5 + 0.1 * s, settings=settings(100),
+    same = [make_record(task=t, seed=s, test_acc=0.5 + 0.1 * s, settings=settings(100, t),
                         settings_digest=f"{t}{s}") for t in ("dtd", "svhn") for s in (0, 1)]
     markdown = vtab_table(same).to_markdown()
     assert "†" not in markdown and "different settings" not in markdown
     assert [r["Settings"] for r in csv.DictReader(io.StringIO(vtab_table(same).to_csv()))] == ["1"]
-    mixed = same[:3] + [make_record(task="svhn", seed=1, test_acc=0.6, settings=settings(1),
+    mixed = same[:3] + [make_record(task="svhn", seed=1, test_acc=0.6, settings=settings(1, "svhn"),
                                     settings_digest="x")]
     table = vtab_table(mixed)
     markdown = table.to_markdown()
@@ -623,9 +781,14 @@ def test_summary_flags_means_over_different_settings():
     assert "wegeft: mean averages runs with 2 different settings" in markdown
     assert "wegeft: Specialized" not in markdown
     assert [r["Settings"] for r in csv.DictReader(io.StringIO(table.to_csv()))] == ["2"]
-    # An older record without settings does not pass for the same settings either.
+    # A record without settings does not pass for the same settings either.
     old = same[:3] + [make_record(task="svhn", seed=1, test_acc=0.6)]
-    assert "not recorded (an older record)" in vtab_table(old).to_markdown()
+    assert "not recorded" in vtab_table(old).to_markdown()
+    # Another config value (not the grid's lr) is flagged and named.
+    config = settings(100, "svhn")
+    config["config"]["model"]["drop_path_rate"] = 0.0
+    other = same[:3] + [make_record(task="svhn", seed=1, test_acc=0.6, settings=config)]
+    assert "(config.model.drop_path_rate 0.1 -> 0.0)" in vtab_table(other).to_markdown()
     fewshot = [make_record(benchmark="fewshot", task="food101", shots=1, seed=s, test_acc=0.5,
                            settings=settings(100 if s else 1)) for s in (0, 1)]
     assert "50.00 ± 0.00 (n=2)† |" in fewshot_table(fewshot).to_markdown()

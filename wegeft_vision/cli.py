@@ -28,8 +28,9 @@ from .training.predictions import PredictionWriter
 from .training.summary import RunSummary
 
 DESCRIPTION = ("Fine-tune timm ViTs with WeGeFT and baselines. Subcommands: fit, validate, test, "
-               "predict (Lightning) and export (checkpoint -> merged plain-timm safetensors; "
-               "see `wegeft-vision export --help`).")
+               "predict (Lightning), export (checkpoint -> merged plain-timm safetensors; "
+               "see `wegeft-vision export --help`), and the paper's protocols: protocol, sweep, "
+               "summarize (see `wegeft-vision protocol --help`).")
 
 
 INT_OR_FRACTION_ARGS = ("limit_train_batches", "limit_val_batches", "limit_test_batches",
@@ -213,17 +214,25 @@ def _export_main(args: list[str]) -> None:
           + (f"; pushed to the hub as {cfg.push_to_hub}" if cfg.push_to_hub else ""), flush=True)
 
 
-def cli_main(args: Optional[list[str]] = None, run: bool = True) -> Optional[WeGeFTCLI]:
+def cli_main(args: Optional[Union[list[str], dict[str, Any]]] = None, run: bool = True,
+             cli_class: type[WeGeFTCLI] = WeGeFTCLI) -> Optional[WeGeFTCLI]:
     """Run the command line on ``args`` (default: ``sys.argv[1:]``).
 
     Returns the LightningCLI (``cli.trainer.callback_metrics`` holds the logged metrics), or
-    None for ``export``.
+    None for ``export``. ``cli_class``: a subclass of WeGeFTCLI (the protocols build runs with
+    their own, from settings rather than a command line).
     """
     argv = sys.argv[1:] if args is None else list(args)
     if run and argv[:1] == ["export"]:
         _export_main(argv[1:])
         return None
-    cli = WeGeFTCLI(
+    if run and argv[:1] in (["protocol"], ["sweep"], ["summarize"]):
+        from .protocols import commands  # it builds runs with this module: loaded when used
+        code = getattr(commands, f"{argv[0]}_command")(argv[1:])
+        if code:
+            sys.exit(code)
+        return None
+    cli = cli_class(
         ViTClassifier, ImageDataModule, subclass_mode_data=True, args=args, run=run,
         trainer_defaults={"max_epochs": 100, "log_every_n_steps": 10,
                           "logger": lazy_instance(CSVLogger, save_dir="runs"),

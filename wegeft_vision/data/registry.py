@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Mapping, Optional, TypeVar
 
 VTAB_GROUPS: tuple[str, ...] = ("Natural", "Specialized", "Structured")
-VTAB_LIST_FILES: tuple[str, ...] = ("train800", "val200", "train800val200", "test")
 
 
 @dataclass(frozen=True)
@@ -96,8 +95,6 @@ FEWSHOT_DATASETS: dict[str, FewShotDataset] = _index(
     # "standford" is how some published copies name the folder.
     FewShotDataset("stanford_cars", 196, ".", ("standford_cars", "cars")),
 )
-FEWSHOT_SHOTS: tuple[int, ...] = (1, 2, 4, 8, 16)
-FEWSHOT_SEEDS: tuple[int, ...] = (0, 1, 2)
 
 
 def normalize_name(name: str) -> str:

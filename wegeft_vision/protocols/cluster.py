@@ -1,9 +1,9 @@
 """Protocols as submitit jobs: SLURM job arrays, or the same jobs in local subprocesses.
 
-``--launcher slurm`` submits one job per task (its whole protocol: search, then final runs) as
-one SLURM job array; with ``--jobs-per run`` every search run is a job of its own (for wide
+The ``slurm`` launcher submits one job per task (its whole protocol: search, then final runs) as
+one SLURM job array; with ``jobs_per="run"`` every search run is a job of its own (for wide
 grids) and each task's final runs follow in a second array that starts when the searches have
-ended (a SLURM dependency). ``--launcher submitit-local`` runs the very same pickled jobs in
+ended (a SLURM dependency). The ``submitit-local`` launcher runs the very same pickled jobs in
 local subprocesses through submitit's LocalExecutor and waits for them.
 
 A job that is preempted or reaches its time limit gets submitit's signal; its ``checkpoint``
@@ -14,12 +14,11 @@ that has its record and resumes the interrupted run from its Lightning checkpoin
 Job parameters are submitit's (``AutoExecutor.update_parameters``): ``timeout_min``,
 ``gpus_per_node``, ``cpus_per_task``, ``mem_gb``, ``slurm_partition``,
 ``slurm_array_parallelism``, ``slurm_account``, ``slurm_setup`` ...; a YAML file of them
-(``--cluster-config``, see configs/cluster/slurm.yaml) is read first, the command-line options
-win over it.
+(``cluster_config``, see configs/cluster/slurm.yaml) is read first, the other options win over
+it.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +26,11 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from ..errors import MissingFileError, UserError
+from .benchmarks import TaskRef
 from .grid import expand_grid
 from .records import HParamValue, RunRecord
-from .runner import ProtocolResult, ProtocolRunner, TaskRef
+from .runner import ProtocolResult, ProtocolRunner
 
 logger = logging.getLogger("wegeft_vision.protocols")
 
@@ -38,7 +39,7 @@ LAUNCHERS = ("local", "slurm", "submitit-local")
 # after its time limit and continues where it stopped.
 DEFAULT_PARAMETERS: dict[str, Any] = {"timeout_min": 12 * 60, "gpus_per_node": 1,
                                       "cpus_per_task": 8, "mem_gb": 32, "tasks_per_node": 1}
-# Command-line option -> submitit parameter.
+# ClusterOptions field -> submitit parameter.
 OPTIONS = {"partition": "slurm_partition", "gpus_per_job": "gpus_per_node",
            "cpus_per_job": "cpus_per_task", "mem_gb": "mem_gb", "time_min": "timeout_min",
            "array_parallelism": "slurm_array_parallelism"}
@@ -79,7 +80,7 @@ class SearchRunJob:
     def __call__(self) -> RunRecord:
         _configure_logging()
         spec = self.runner.spec(self.task, "search", self.point, self.runner.seeds[0])
-        return self.runner.get_or_run(spec)[0]
+        return self.runner.run_all([spec])[0][0]
 
     def checkpoint(self) -> Any:
         import submitit
@@ -88,52 +89,63 @@ class SearchRunJob:
             SearchRunJob(self.runner, self.task, self.point))
 
 
-def add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of --launcher slurm / submitit-local (shared by run_protocol and sweep)."""
-    group = parser.add_argument_group("cluster (submitit)")
-    group.add_argument("--launcher", choices=LAUNCHERS, default="local",
-                       help="local: this machine (default); slurm: SLURM jobs through "
-                            "submitit; submitit-local: the same jobs in local subprocesses")
-    group.add_argument("--cluster-config", type=Path, default=None,
-                       help="YAML file of submitit parameters (timeout_min, slurm_partition, "
-                            "gpus_per_node, ...); the options below win over it")
-    group.add_argument("--partition", default=None, help="SLURM partition")
-    group.add_argument("--gpus-per-job", type=int, default=None, help="GPUs per job (default 1)")
-    group.add_argument("--cpus-per-job", type=int, default=None, help="CPUs per job (default 8)")
-    group.add_argument("--mem-gb", type=int, default=None, help="memory per job in GB "
-                                                                "(default 32)")
-    group.add_argument("--time-min", type=int, default=None,
-                       help="time limit per job in minutes (default 720); a job that reaches "
-                            "it is requeued and resumes")
-    group.add_argument("--array-parallelism", type=int, default=None,
-                       help="at most this many jobs of the array run at once")
-    group.add_argument("--jobs-per", choices=("task", "run"), default="task",
-                       help="task: one job per task's protocol (default); run: one job per "
-                            "search run, then one job per task for its final runs")
-    group.add_argument("--submitit-dir", type=Path, default=None,
-                       help="submitit's folder for job scripts and logs (default: "
-                            "<out>/submitit)")
+@dataclass
+class ClusterOptions:
+    """Where the protocol's jobs run.
 
+    Args:
+        launcher: local: this machine; slurm: SLURM jobs through submitit; submitit-local: the
+            same jobs in local subprocesses.
+        cluster_config: YAML file of submitit parameters (timeout_min, slurm_partition,
+            gpus_per_node, ...); the options below win over it.
+        partition: SLURM partition.
+        gpus_per_job: GPUs per job (default 1).
+        cpus_per_job: CPUs per job (default 8).
+        mem_gb: memory per job in GB (default 32).
+        time_min: time limit per job in minutes (default 720); a job that reaches it is
+            requeued and resumes.
+        array_parallelism: at most this many jobs of the array run at once.
+        jobs_per: task: one job per task's protocol; run: one job per search run, then one job
+            per task for its final runs.
+        submitit_dir: submitit's folder for job scripts and logs (default: <out>/submitit).
+    """
 
-def job_parameters(args: argparse.Namespace) -> dict[str, Any]:
-    """submitit parameters: defaults, then the YAML file, then the command-line options."""
-    parameters = dict(DEFAULT_PARAMETERS)
-    if args.cluster_config is not None:
-        path = Path(args.cluster_config)
-        if not path.is_file():
-            raise FileNotFoundError(f"cluster config {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"cluster config {path} must hold a mapping of submitit "
-                             f"parameters, got {type(loaded).__name__}")
-        parameters.update(loaded)
-    for option, name in OPTIONS.items():
-        value = getattr(args, option)
-        if value is not None:
-            if not isinstance(value, str) and value <= 0:
-                raise ValueError(f"--{option.replace('_', '-')} must be positive, got {value}")
-            parameters[name] = value
-    return parameters
+    launcher: str = "local"
+    cluster_config: Optional[Path] = None
+    partition: Optional[str] = None
+    gpus_per_job: Optional[int] = None
+    cpus_per_job: Optional[int] = None
+    mem_gb: Optional[int] = None
+    time_min: Optional[int] = None
+    array_parallelism: Optional[int] = None
+    jobs_per: str = "task"
+    submitit_dir: Optional[Path] = None
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise UserError(f"launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
+        if self.jobs_per not in ("task", "run"):
+            raise UserError(f"jobs_per must be 'task' or 'run', got {self.jobs_per!r}")
+
+    def parameters(self) -> dict[str, Any]:
+        """submitit parameters: defaults, then the YAML file, then the options."""
+        parameters = dict(DEFAULT_PARAMETERS)
+        if self.cluster_config is not None:
+            path = Path(self.cluster_config)
+            if not path.is_file():
+                raise MissingFileError(f"cluster config {path} does not exist")
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise UserError(f"cluster config {path} must hold a mapping of submitit "
+                                f"parameters, got {type(loaded).__name__}")
+            parameters.update(loaded)
+        for option, name in OPTIONS.items():
+            value = getattr(self, option)
+            if value is not None:
+                if not isinstance(value, str) and value <= 0:
+                    raise UserError(f"{option} must be positive, got {value}")
+                parameters[name] = value
+        return parameters
 
 
 def make_executor(launcher: str, folder: Path, parameters: dict[str, Any]) -> Any:
@@ -150,7 +162,7 @@ def make_executor(launcher: str, folder: Path, parameters: dict[str, Any]) -> An
         executor.update_parameters(**parameters)
     except (ValueError, TypeError, NameError, AssertionError) as err:
         # submitit's message goes on to list every parameter it knows: keep its first line.
-        raise ValueError(f"submitit refused the job parameters {sorted(parameters | made_with)}:"
+        raise UserError(f"submitit refused the job parameters {sorted(parameters | made_with)}:"
                          f" {str(err).splitlines()[0]}") from err
     return executor
 
@@ -165,7 +177,7 @@ def submit(runner: ProtocolRunner, tasks: Sequence[TaskRef], launcher: str,
     if launcher not in LAUNCHERS[1:]:
         raise ValueError(f"submit needs launcher slurm or submitit-local, got {launcher!r}")
     folder = Path(folder)
-    parameters = {"name": f"{runner.protocol.benchmark}_{runner.method}", **parameters}
+    parameters = {"name": f"{runner.benchmark.name}_{runner.method}", **parameters}
     executor = make_executor(launcher, folder, parameters)
     if jobs_per == "run" and runner.grid is not None:
         searches = [SearchRunJob(runner, task, point) for task in tasks
@@ -210,13 +222,14 @@ def collect(jobs: Sequence[Any], tasks: Sequence[TaskRef]) -> tuple[list[Protoco
     return results, failed
 
 
-def launch(args: argparse.Namespace, runner: ProtocolRunner, tasks: Sequence[TaskRef]
-           ) -> tuple[list[Any], Optional[tuple[list[ProtocolResult], list[str]]]]:
-    """Submit as the options say; for submitit-local also wait and collect the results."""
-    folder = args.submitit_dir or Path(args.out) / "submitit"
-    jobs = submit(runner, tasks, args.launcher, job_parameters(args), folder, args.jobs_per)
-    if args.launcher == "slurm":
+def launch(options: ClusterOptions, runner: ProtocolRunner, tasks: Sequence[TaskRef]
+           ) -> Optional[tuple[list[ProtocolResult], list[str]]]:
+    """Submit as the options say; for submitit-local also wait and collect the results (None
+    for SLURM, whose jobs report in their logs)."""
+    folder = options.submitit_dir or runner.out_dir / "submitit"
+    jobs = submit(runner, tasks, options.launcher, options.parameters(), folder, options.jobs_per)
+    if options.launcher == "slurm":
         print(f"submitted {len(jobs)} job(s) to SLURM: {_ids(jobs)}; logs in {folder}; "
               f"records appear in {runner.records_dir}")
-        return jobs, None
-    return jobs, collect(jobs, tasks)
+        return None
+    return collect(jobs, tasks)

@@ -1,9 +1,10 @@
-"""Hyperparameter grids: named CLI overrides, each with a list of values to try."""
+"""Hyperparameter grids: training settings by dotted name, each with a list of values to try."""
 from __future__ import annotations
 
 import itertools
 from typing import Mapping, Sequence
 
+from ..errors import UserError
 from .records import HParamValue
 
 Grid = dict[str, list[HParamValue]]
@@ -24,52 +25,19 @@ BASELINE_GRIDS: dict[str, Grid] = {
 }
 
 
-def parse_value(text: str) -> HParamValue:
-    """A command-line value: int, float, bool, null or else the string itself."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
-def parse_grid(specs: Sequence[str]) -> Grid:
-    """Parse ``["model.lr=1e-4,1e-3", "model.weight_decay=0"]`` into a grid.
-
-    Raises ValueError for a spec without ``=``, a parameter named twice or a parameter with no
-    values.
-    """
-    grid: Grid = {}
-    for spec in specs:
-        name, sep, values = spec.partition("=")
-        name = name.strip().lstrip("-")
-        if not sep or not name:
-            raise ValueError(f"grid entry {spec!r} must look like 'model.lr=1e-4,1e-3'")
-        if name in grid:
-            raise ValueError(f"grid parameter {name!r} is given twice")
-        grid[name] = [parse_value(v) for v in values.split(",") if v.strip()]
-    return check_grid(grid)
-
-
 def check_grid(grid: Mapping[str, Sequence[HParamValue]]) -> Grid:
     """Validate a grid: at least one parameter, and every parameter has distinct values."""
     if not grid:
-        raise ValueError("the search grid has no parameters; give e.g. "
-                         "--grid model.lr=1e-4,1e-3, or --no-search to skip the search")
+        raise UserError("the search grid has no parameters; give e.g. "
+                        "--grid '{model.lr: [1e-4, 1e-3]}', or --search false to skip the search")
     out: Grid = {}
     for name, values in grid.items():
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-            raise ValueError(f"grid parameter {name!r} needs a list of values, got {values!r}")
+            raise UserError(f"grid parameter {name!r} needs a list of values, got {values!r}")
         if len(values) == 0:
-            raise ValueError(f"grid parameter {name!r} has no values")
+            raise UserError(f"grid parameter {name!r} has no values")
         if len(set(map(repr, values))) != len(values):
-            raise ValueError(f"grid parameter {name!r} repeats a value: {list(values)!r}")
+            raise UserError(f"grid parameter {name!r} repeats a value: {list(values)!r}")
         out[name] = list(values)
     return out
 

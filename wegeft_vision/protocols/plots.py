@@ -11,15 +11,13 @@ matplotlib.use("Agg")  # headless: sweeps run on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .benchmarks import BENCHMARKS  # noqa: E402
 from .records import PathLike, RunRecord  # noqa: E402
-from .runner import TASK_TABLES  # noqa: E402
-from .published import PUBLISHED
-from .summary import (BENCHMARK_TITLES, VIT_B_BACKBONE_PARAMS, method_params,
-                      task_accuracies)  # noqa: E402
+from .summary import VIT_B_BACKBONE_PARAMS, method_params, task_accuracies  # noqa: E402
 
 
 def _ordered_tasks(benchmark: str, present: set[str]) -> list[str]:
-    known = list(TASK_TABLES[benchmark])
+    known = list(BENCHMARKS[benchmark].tasks)
     return [t for t in known if t in present] + sorted(present - set(known))
 
 
@@ -40,7 +38,7 @@ def task_bars(records: list[RunRecord], benchmark: str, path: PathLike) -> Optio
     ax.set_xticks(x, tasks, rotation=60, ha="right")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{BENCHMARK_TITLES[benchmark]} test accuracy per task")
+    ax.set_title(f"{BENCHMARKS[benchmark].title} test accuracy per task")
     ax.legend()
     return _save(fig, path)
 
@@ -69,19 +67,16 @@ def accuracy_vs_params(records: list[RunRecord], benchmark: str, path: PathLike,
         ax.scatter(params, mean, s=40)
         label = method if len(counts) == 1 else f"{method} ({n} tasks)"
         ax.annotate(label, (params, mean), textcoords="offset points", xytext=(5, 5))
-    if published and benchmark in ("vtab", "fgvc"):
-        for pub in PUBLISHED:
-            mean = pub.vtab_mean if benchmark == "vtab" else pub.fgvc_mean
-            if mean is not None:
-                params = pub.params_percent / 100 * VIT_B_BACKBONE_PARAMS
-                ax.scatter(params, mean, s=40, facecolors="none", edgecolors="gray")
-                ax.annotate(f"{pub.method} (published)", (params, mean),
-                            textcoords="offset points", xytext=(5, -10), color="gray")
+    for pub in BENCHMARKS[benchmark].published if published else ():
+        params = pub.params_percent / 100 * VIT_B_BACKBONE_PARAMS
+        ax.scatter(params, pub.mean, s=40, facecolors="none", edgecolors="gray")
+        ax.annotate(f"{pub.label} (published)", (params, pub.mean),
+                    textcoords="offset points", xytext=(5, -10), color="gray")
     ax.set_xscale("log")
     ax.margins(x=0.3, y=0.1)  # room for the labels
     ax.set_xlabel("trainable parameters (head excluded)")
     ax.set_ylabel("mean top-1 accuracy (%)")
-    ax.set_title(f"{BENCHMARK_TITLES[benchmark]}: accuracy vs parameters")
+    ax.set_title(f"{BENCHMARKS[benchmark].title}: accuracy vs parameters")
     return _save(fig, path)
 
 

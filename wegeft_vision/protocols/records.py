@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .benchmarks import BENCHMARKS, PHASES
+
 logger = logging.getLogger("wegeft_vision.protocols")
 
 RECORD_FORMAT = "wegeft_vision.run/1"
-PHASES = ("search", "final")
-BENCHMARKS = ("vtab", "fgvc", "fewshot")
 
 PathLike = Union[str, os.PathLike]
 HParamValue = Union[int, float, str, bool, None]
@@ -82,6 +82,7 @@ class RunRecord:
     val_acc: Optional[float]
     test_acc: Optional[float]
     epochs: int
+    schedule_epochs: int
     trainable_params: int
     backbone_params: int
     head_params: int
@@ -92,11 +93,13 @@ class RunRecord:
     finished_at: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     adapter: dict[str, Any] = field(default_factory=dict)
+    # The adapter registry's name of the method (the label ``method`` is the user's).
+    adapter_method: str = ""
     config_files: list[str] = field(default_factory=list)
-    config_digest: str = ""
-    cli_args: list[str] = field(default_factory=list)
-    # Everything besides the key that changes the result (epochs, data, configs, weights...),
-    # and its digest: a record is reused only for a run with the same digest.
+    # Everything besides the key that changes the result (the resolved training config, the
+    # epochs trained and the schedule's length, the content of the data's list files and of
+    # the backbone weights), and its digest: a record is reused only for a run with the same
+    # digest.
     settings: dict[str, Any] = field(default_factory=dict)
     settings_digest: str = ""
     format: str = RECORD_FORMAT
@@ -132,7 +135,7 @@ class RunRecord:
 
     def _check(self) -> None:
         if self.benchmark not in BENCHMARKS:
-            raise ValueError(f"benchmark {self.benchmark!r} is not one of {BENCHMARKS}")
+            raise ValueError(f"benchmark {self.benchmark!r} is not one of {tuple(BENCHMARKS)}")
         if self.phase not in PHASES:
             raise ValueError(f"phase {self.phase!r} is not one of {PHASES}")
         for name in ("task", "method"):
@@ -148,10 +151,14 @@ class RunRecord:
             raise ValueError("a search record needs val_acc")
         if self.phase == "final" and self.test_acc is None:
             raise ValueError("a final record needs test_acc")
-        for name in ("seed", "epochs", "trainable_params", "backbone_params", "head_params"):
+        for name in ("seed", "epochs", "schedule_epochs", "trainable_params", "backbone_params",
+                     "head_params"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if self.epochs > self.schedule_epochs:
+            raise ValueError(f"epochs ({self.epochs}) must not exceed schedule_epochs "
+                             f"({self.schedule_epochs})")
         if self.backbone_params == 0:
             raise ValueError("backbone_params must be positive")
         if self.shots is not None and (isinstance(self.shots, bool)

@@ -16,15 +16,12 @@ Tables and figures appear only for benchmarks that have final runs.
 """
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 from .plots import accuracy_vs_params, fewshot_curves, task_bars
 from .records import PathLike, Results, read_results
-from .summary import custom_tasks_table, fewshot_csv, fewshot_table, fgvc_table, vtab_table
+from .summary import benchmark_table, custom_tasks_table, fewshot_csv, fewshot_table
 
 
 def read_results_folders(folders: Sequence[PathLike]) -> Results:
@@ -36,8 +33,9 @@ def read_results_folders(folders: Sequence[PathLike]) -> Results:
 
 
 def write_summary(folders: Sequence[PathLike], out_dir: PathLike,
-                  published: bool = False) -> tuple[list[Path], Results]:
-    """Write the tables and figures; returns the files written and what was read."""
+                  published: bool = True) -> tuple[list[Path], Results]:
+    """Write the tables and figures; returns the files written and what was read.
+    ``published`` puts the published results beside ours (VTAB-1k and FGVC)."""
     results = read_results_folders(folders)
     records = results.records
     out = Path(out_dir)
@@ -45,9 +43,9 @@ def write_summary(folders: Sequence[PathLike], out_dir: PathLike,
     benchmarks = {r.benchmark for r in records if r.phase == "final"}
     written: list[Path] = []
     sections = []
-    for benchmark, make in (("vtab", vtab_table), ("fgvc", fgvc_table)):
-        if make(records).rows:  # final runs on the benchmark's own tasks
-            table = make(records, published=published)
+    for benchmark in ("vtab", "fgvc"):
+        if benchmark_table(records, benchmark, published=False).rows:  # runs on its own tasks
+            table = benchmark_table(records, benchmark, published=published)
             sections.append(table.to_markdown())
             written.append(_write(out / f"{benchmark}.csv", table.to_csv()))
         if benchmark in benchmarks:  # the figures show custom tasks too
@@ -78,35 +76,3 @@ def write_summary(folders: Sequence[PathLike], out_dir: PathLike,
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="summarize", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", type=Path,
-                        help="results folder(s) written by run_protocol/sweep (--out)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where tables and figures go (default: <first results>/summary)")
-    parser.add_argument("--published", action="store_true",
-                        help="add the published numbers (WeGeFT paper, ViT-B/16) as extra rows")
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        written, results = write_summary(args.results, args.out or args.results[0] / "summary",
-                                         published=args.published)
-    except (ValueError, FileNotFoundError) as err:
-        parser.error(str(err))
-    print((written[0]).read_text())
-    print(f"{len(results.records)} record(s) read, {len(results.problems)} problem(s); wrote:")
-    for path in written:
-        print(f"  {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

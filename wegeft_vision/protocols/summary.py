@@ -3,12 +3,13 @@
 Only final runs enter the tables; a task's accuracy is the mean test accuracy over its seeds.
 The VTAB-1k mean is the mean over the 19 tasks, not the mean of the three group means. A mean
 over fewer tasks than the benchmark has is marked ``*`` in Markdown and counted in a note. A
-number that averages runs made with different settings (epochs, configs, passed-through
-arguments, backbone weights) is marked ``†`` and the difference named in a note; the CSV files
+number that averages runs made with different settings (the resolved training config, epochs,
+backbone weights) is marked ``†`` and the difference named in a note; the CSV files
 count the distinct settings of each row in a ``Settings`` column.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -16,14 +17,13 @@ import math
 import statistics
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Optional, Union
+from typing import Iterable, Optional, Sequence, Union
 
-from ..data import registry
-from .published import PUBLISHED
+from .benchmarks import BENCHMARKS, Benchmark
+from .published import SOURCE, PublishedRow
 from .records import RunRecord, settings_diff
 
 Cell = Union[str, float, int, None]
-BENCHMARK_TITLES = {"vtab": "VTAB-1k", "fgvc": "FGVC", "fewshot": "Few-shot FGVC"}
 # ViT-B/16 without its head (timm vit_base_patch16_224): turns published percentages into counts.
 VIT_B_BACKBONE_PARAMS = 85_798_656
 PPT_C = 1e7
@@ -49,7 +49,18 @@ class Table:
     mixed: set[tuple[int, int]] = field(default_factory=set)  # cells over different settings
     label_columns: int = 1
     # One entry per row: how many distinct settings its runs have (CSV only; None: no column).
-    settings_counts: Optional[list[int]] = None
+    settings_counts: Optional[list[Optional[int]]] = None
+    # One entry per row: the adapter registry's method it measures ("" if unknown).
+    row_methods: list[str] = field(default_factory=list)
+
+    def insert_row(self, at: int, row: list[Cell], method: str = "") -> None:
+        """Insert ``row`` before row ``at``; the marks of the rows below move with them."""
+        self.rows.insert(at, row)
+        self.row_methods.insert(at, method)
+        if self.settings_counts is not None:
+            self.settings_counts.insert(at, None)  # type: ignore[arg-type]
+        self.partial = {(r + (r >= at), c) for r, c in self.partial}
+        self.mixed = {(r + (r >= at), c) for r, c in self.mixed}
 
     def to_markdown(self) -> str:
         def fmt(cell: Cell, r: int, c: int) -> str:
@@ -78,26 +89,37 @@ class Table:
         counts = self.settings_counts
         writer.writerow(self.columns + ([SETTINGS_COLUMN] if counts is not None else []))
         for r, row in enumerate(self.rows):
-            extra = [] if counts is None else ["" if r >= len(counts) else counts[r]]
+            extra = [] if counts is None else ["" if counts[r] is None else counts[r]]
             writer.writerow(["" if cell is None else cell for cell in row] + extra)
         return out.getvalue()
 
 
+# Settings that name the task's own data or the run's grid point, not how the method was run.
+TASK_DATA_ARGS = ("root", "task", "dataset", "split", "shots", "seed", "num_classes")
+
+
 def comparable_settings(record: RunRecord) -> dict:
-    """The settings that must agree for two runs to enter one mean (task and data aside)."""
+    """The settings that must agree for two runs to enter one mean: the resolved training
+    config without the task's own data arguments and the grid point, the epochs, and the
+    backbone weights' content (their path may differ between machines)."""
     settings = record.settings
     if not settings:
-        return {"settings": "not recorded (an older record)"}
-    weights_args = {f"--model.{k}" for k in ("weights_path", "checkpoint_path")}
-    return {"epochs": settings.get("epochs"),
-            "configs": [c.get("sha256") for c in settings.get("configs", [])],
-            # The weights file's path may differ between machines; its content is compared.
-            "overrides": [a for a in settings.get("overrides", [])
-                          if a.split("=", 1)[0] not in weights_args],
-            "backbone": settings.get("backbone"),
-            "weights": (settings.get("weights") or {}).get("sha256"),
-            "use_val_for_train": settings.get("data", {}).get("args", {}).get(
-                "use_val_for_train")}
+        return {"settings": "not recorded"}
+    config = copy.deepcopy(settings.get("config", {}))
+    init_args = config.get("data", {}).get("init_args", {})
+    for name in TASK_DATA_ARGS:
+        init_args.pop(name, None)
+    config.get("model", {}).pop("num_classes", None)
+    config.get("model", {}).pop("weights_path", None)
+    for name in record.hparams:
+        *parents, leaf = name.split(".")
+        node = config
+        for parent in parents:
+            node = node.get(parent, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return {"epochs": settings.get("epochs"), "schedule_epochs": settings.get("schedule_epochs"),
+            "weights": (settings.get("weights") or {}).get("sha256"), "config": config}
 
 
 def mixed_settings(records: Iterable[RunRecord]) -> Optional[str]:
@@ -154,7 +176,7 @@ def _params_cells(params: Optional[tuple[int, int]], mean: Optional[float]) -> l
 
 
 def _accuracy_table(title: str, records: list[RunRecord], benchmark: str, tasks: list[str],
-                    groups: dict[str, list[str]], unit: str) -> Table:
+                    groups: dict[str, Sequence[str]], unit: str) -> Table:
     """Methods x tasks, then group means, the mean over all tasks, params and PPT."""
     columns = ["Method"] + tasks + list(groups) + ["Mean"] + PARAM_COLUMNS
     table = Table(title, columns, [], settings_counts=[])
@@ -183,46 +205,55 @@ def _accuracy_table(title: str, records: list[RunRecord], benchmark: str, tasks:
                 table.notes.append(f"{method}: {name} averages runs with {mixed}")
         row += _params_cells(method_params(records, method, benchmark), row[-1])
         table.rows.append(row)
+        table.row_methods.append(_adapter_method(runs))
         table.settings_counts.append(len({  # type: ignore[union-attr]
             json.dumps(comparable_settings(rec), sort_keys=True)
             for t in tasks for rec in runs.get((t, None), [])}))
     return table
 
 
-def vtab_table(records: list[RunRecord], published: bool = False) -> Table:
-    """Methods x the 19 VTAB-1k tasks, the three group means and the mean over the 19 tasks."""
-    tasks = list(registry.VTAB_TASKS)
-    groups = {g: registry.vtab_tasks_in_group(g) for g in registry.VTAB_GROUPS}
-    table = _accuracy_table("VTAB-1k top-1 accuracy (%)", records, "vtab", tasks, groups, "tasks")
-    table.notes.insert(0, "Mean = mean over the 19 tasks (not the mean of the group means).")
-    if published:
-        for pub in PUBLISHED:
-            if pub.vtab_mean is not None:
-                table.rows.append([f"{pub.method} (published)"] + [None] * len(tasks)
-                                  + [pub.vtab_groups.get(g) for g in groups] + [pub.vtab_mean]
-                                  + _published_params(pub.params_percent, pub.vtab_mean))
+def _adapter_method(runs: dict[tuple[str, Optional[int]], list[RunRecord]]) -> str:
+    """The adapter registry's method of a row's runs (the most common, if they differ)."""
+    counts = Counter(r.adapter_method for rs in runs.values() for r in rs)
+    return counts.most_common(1)[0][0] if counts else ""
+
+
+def benchmark_table(records: list[RunRecord], benchmark: str, published: bool = True) -> Table:
+    """Methods x a benchmark's tasks, its group means and the mean over its tasks; with
+    ``published``, each published row right below our rows of the same method (the rows of
+    methods we did not run at the end)."""
+    entry: Benchmark = BENCHMARKS[benchmark]
+    tasks = list(entry.tasks)
+    table = _accuracy_table(f"{entry.title} top-1 accuracy (%)", records, benchmark, tasks,
+                            dict(entry.groups), "tasks" if entry.groups else "datasets")
+    if entry.groups:
+        table.notes.insert(0, f"Mean = mean over the {len(tasks)} tasks (not the mean of the "
+                              "group means).")
+    if published and entry.published:
+        for pub in entry.published:
+            ours = [i for i, m in enumerate(table.row_methods) if m == pub.method]
+            at = ours[-1] + 1 if ours else len(table.rows)
+            table.insert_row(at, [f"{pub.label} (published)"]
+                             + [pub.accuracy(c) for c in tasks + list(entry.groups)]
+                             + [pub.mean] + _published_params(pub), pub.method)
         table.notes.append(_published_note())
     return table
+
+
+def vtab_table(records: list[RunRecord], published: bool = False) -> Table:
+    """Methods x the 19 VTAB-1k tasks, the three group means and the mean over the 19 tasks."""
+    return benchmark_table(records, "vtab", published)
 
 
 def fgvc_table(records: list[RunRecord], published: bool = False) -> Table:
     """Methods x the five FGVC datasets and their mean."""
-    datasets = list(registry.FGVC_DATASETS)
-    table = _accuracy_table("FGVC top-1 accuracy (%)", records, "fgvc", datasets, {}, "datasets")
-    if published:
-        for pub in PUBLISHED:
-            if pub.fgvc_mean is not None:
-                table.rows.append([f"{pub.method} (published)"]
-                                  + [pub.fgvc.get(d) for d in datasets] + [pub.fgvc_mean]
-                                  + _published_params(pub.params_percent, pub.fgvc_mean))
-        table.notes.append(_published_note())
-    return table
+    return benchmark_table(records, "fgvc", published)
 
 
 def custom_tasks_table(records: list[RunRecord]) -> Optional[Table]:
     """VTAB-1k-layout tasks outside the 19 (e.g. the digits demo), or None if there are none."""
     tasks = sorted({r.task for r in records if r.benchmark == "vtab" and r.phase == "final"}
-                   - set(registry.VTAB_TASKS))
+                   - set(BENCHMARKS["vtab"].tasks))
     if not tasks:
         return None
     return _accuracy_table("Other tasks in the VTAB-1k layout: top-1 accuracy (%)", records,
@@ -232,7 +263,7 @@ def custom_tasks_table(records: list[RunRecord]) -> Optional[Table]:
 def fewshot_table(records: list[RunRecord]) -> Table:
     """Few-shot FGVC: mean ± sample std over seeds, per method, dataset and number of shots."""
     shots = sorted({r.shots for r in records if r.benchmark == "fewshot" and r.shots} |
-                   set(registry.FEWSHOT_SHOTS))
+                   set(BENCHMARKS["fewshot"].shots or ()))
     columns = ["Method", "Dataset"] + [f"{k}-shot" for k in shots]
     table = Table("Few-shot FGVC top-1 accuracy (%), mean ± std over seeds", columns, [],
                   label_columns=2)
@@ -279,11 +310,11 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.2f} ± {statistics.stdev(values):.2f}{n}"
 
 
-def _published_params(percent: float, mean: float) -> list[Cell]:
-    trainable = percent / 100.0 * VIT_B_BACKBONE_PARAMS
-    return [trainable / 1e6, percent, ppt_score(mean, trainable)]
+def _published_params(pub: PublishedRow) -> list[Cell]:
+    trainable = pub.params_percent / 100.0 * VIT_B_BACKBONE_PARAMS
+    return [trainable / 1e6, pub.params_percent, ppt_score(pub.mean, trainable)]
 
 
 def _published_note() -> str:
-    return (f"(published) rows: {PUBLISHED[0].source}, ViT-B/16 augreg_in21k; their params are "
+    return (f"(published) rows: {SOURCE}, ViT-B/16 augreg_in21k; their params are "
             "the published % of ViT-B's backbone and their PPT is computed from those.")

@@ -93,6 +93,10 @@ class ViTClassifier(L.LightningModule):
         warmup_lr: learning rate at the first step.
         min_lr: learning rate the cosine decay ends at, on the last step.
         init_seed: seed of the random initialisation when no weights are loaded.
+        schedule_epochs: length of the warm-up/cosine schedule in epochs; None: the fit's own
+            length. A fit stopped earlier (``trainer.max_epochs`` below it) trains the first
+            epochs of the longer schedule, as the paper's hyper-parameter search does (the
+            100-epoch schedule stopped after epoch 50), so its lr is still high at the end.
         checkpoint_path: deprecated name of ``weights_path`` (it shadowed the first argument of
             ``load_from_checkpoint``); old checkpoints that store it still load.
         compile: compile the backbone with ``torch.compile`` for training and evaluation, in
@@ -110,7 +114,8 @@ class ViTClassifier(L.LightningModule):
                  label_smoothing: float = 0.0, lr: float = 1e-3, weight_decay: float = 1e-4,
                  warmup_epochs: float = 10.0, warmup_lr: float = 1e-7, min_lr: float = 1e-6,
                  init_seed: int = 0, checkpoint_path: Optional[str] = None,
-                 compile: bool = False, compile_kwargs: Optional[dict[str, Any]] = None) -> None:
+                 schedule_epochs: Optional[int] = None, compile: bool = False,
+                 compile_kwargs: Optional[dict[str, Any]] = None) -> None:
         super().__init__()
         self._compile_options = compile_options(compile, compile_kwargs)
         self._compiled = False
@@ -136,6 +141,11 @@ class ViTClassifier(L.LightningModule):
             raise ValueError(f"lr must be positive, got {lr}")
         if warmup_epochs > 0 and not 0 < warmup_lr <= lr:
             raise ValueError(f"warmup_lr must be in (0, lr={lr}] for a warm-up, got {warmup_lr}")
+        if schedule_epochs is not None and (isinstance(schedule_epochs, bool)
+                                            or not isinstance(schedule_epochs, int)
+                                            or schedule_epochs <= 0):
+            raise UserError(f"schedule_epochs must be a positive int or None, got "
+                            f"{schedule_epochs!r}")
         if not 0 <= label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters(ignore=["checkpoint_path"])
@@ -234,6 +244,12 @@ class ViTClassifier(L.LightningModule):
                              f"dataset with a length (got {batches} batches per epoch)")
         total_steps = int(total_steps)
         steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+        if hp.get("schedule_epochs") is not None:
+            if trainer.max_epochs is None or not 0 < trainer.max_epochs <= hp.schedule_epochs:
+                raise UserError(f"schedule_epochs={hp.schedule_epochs} needs trainer.max_epochs "
+                                f"between 1 and it (the fit stops within the schedule), got "
+                                f"{trainer.max_epochs}")
+            total_steps = hp.schedule_epochs * steps_per_epoch
         warmup_steps = min(total_steps, round(hp.warmup_epochs * steps_per_epoch))
         self.schedule = {"warmup_steps": warmup_steps, "total_steps": total_steps}
         saved = (self.checkpoint_info or {}).get("schedule")
