@@ -30,7 +30,7 @@ from torch import nn
 from wegeft_vision import (FullFinetuneConfig, LoRAConfig, WeGeFTConfig, apply_adapter,
                            count_parameters, merge_adapter)
 from wegeft_vision.adapters import WeGeFTLinear
-from wegeft_vision.adapters.config import expand_targets
+from wegeft_vision.adapters.targets import expand_targets
 from wegeft_vision.adapters.functional import plain_form, saved_activation_bytes
 
 VARIANTS = ("floor", "wegeft", "wegeft-no-recompute", "wegeft-plain", "lora", "peft-lora",

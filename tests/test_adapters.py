@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import json
 import re
+import sys
 
 import pytest
 import timm
@@ -13,9 +15,10 @@ from torch import nn
 
 from wegeft_vision import (FullFinetuneConfig, LinearProbeConfig, LoRAConfig, WeGeFTConfig,
                            apply_adapter, count_parameters, load_adapter, merge_adapter,
-                           remove_adapter, save_adapter)
+                           remove_adapter, save_adapter, unmerge_adapter)
 from wegeft_vision.adapters import (AdaptedLinear, WeGeFTGenerator, adapter_state_dict,
-                                    fingerprint, get_adapter, trainable_parameter_names)
+                                    fingerprint, get_adapter, read_adapter_file,
+                                    trainable_parameter_names)
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=7)
 ARCHS = {
@@ -470,7 +473,7 @@ def test_config_validation(kwargs, error, match):
     (WeGeFTConfig(rank=33, targets="attn.proj"), ValueError,
      r"rank 33 exceeds the input size 32 of layer 'blocks.0.attn.proj'"),
     (WeGeFTConfig(rank=2, targets=[r"blocks\.\d+\.mlp\.fc\d"]), ValueError,
-     r"shares one generator, but 'blocks.0.mlp.fc1' has d_in=32 and 'blocks.0.mlp.fc2' has "
+     r"shares one edit, but 'blocks.0.mlp.fc1' has d_in=32 and 'blocks.0.mlp.fc2' has "
      r"d_in=128; use separate targets or shared=False"),
     (WeGeFTConfig(targets="attn.proj", qkv_parts=("q",)), ValueError,
      r"qkv_parts=\('q',\) given, but none of the targeted layers \(blocks.N.attn.proj\) is a "
@@ -627,31 +630,27 @@ def test_failed_load_into_an_adapted_model_changes_nothing(tmp_path):
     assert all(torch.equal(v, tensors[k]) for k, v in target.state_dict().items())
 
 
-def test_old_adapter_files_load_without_identity_checks_with_a_warning(tmp_path):
-    """Format 1 files (no identity) still load; the warning says nothing was checked."""
+def test_adapter_files_of_another_format_are_refused(tmp_path):
+    """One file format: a file of another (an unreleased earlier one) is refused, named."""
     from safetensors.torch import save_file
     model = apply_adapter(tiny_vit(), WeGeFTConfig(rank=2))
-    randomize_edits(model)
     tensors = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
     save_file(tensors, str(tmp_path / "old.safetensors"), metadata={
         "format": "wegeft_vision.adapter/1", "model_class": "VisionTransformer",
         "config": json.dumps(get_adapter(model).config.to_dict())})
-    with pytest.warns(UserWarning, match=r"old.safetensors is an adapter file without the "
-                                         r"backbone's identity .*loaded without checking"):
-        loaded = load_adapter(tiny_vit(), tmp_path / "old.safetensors")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(images()), model(images()), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"old.safetensors is not a wegeft_vision adapter file "
+                                         r"\(format 'wegeft_vision.adapter/1', expected"):
+        load_adapter(tiny_vit(), tmp_path / "old.safetensors")
 
 
 def test_fingerprint_of_float32_weights_is_unchanged():
     """Checkpoints store it: its value for float32 tensors must never change."""
-    from wegeft_vision.training.backbone import fingerprint as training_fingerprint
     tensors = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.ones(2)}
     digest = hashlib.sha256()
     for name, tensor in sorted(tensors.items()):
         digest.update(f"{name}:{tuple(tensor.shape)}:torch.float32;".encode())
         digest.update(tensor.numpy().tobytes())
-    assert fingerprint(tensors) == training_fingerprint(tensors) == digest.hexdigest()
+    assert fingerprint(tensors) == digest.hexdigest()
     assert fingerprint(tensors, dtype=torch.bfloat16) == fingerprint(
         {k: v.to(torch.bfloat16) for k, v in tensors.items()})
 
@@ -685,3 +684,192 @@ def test_recompute_reaches_every_layer_and_is_not_part_of_identity(recompute, tm
     other = apply_adapter(tiny_vit(), WeGeFTConfig(rank=2, targets="all",
                                                    recompute=not recompute))
     load_adapter(other, path)  # a runtime choice: files load across it
+
+
+# ---------------------------------------------------------------- merge both ways, the registry
+
+MERGEABLE = {
+    "wegeft_all": WeGeFTConfig(rank=2, targets="all"),
+    "wegeft_qv": WeGeFTConfig(rank=2, targets="attn.qkv", qkv_parts=("q", "v"), shared=False),
+    "lora_all": LoRAConfig(rank=2, alpha=4.0, targets="all"),
+    "lora_kv": LoRAConfig(rank=2, targets="attn.qkv", qkv_parts=("k", "v")),
+}
+
+
+@pytest.mark.parametrize("config", MERGEABLE.values(), ids=MERGEABLE)
+def test_merge_in_place_then_unmerge_restores_every_tensor_bit_for_bit(config, tmp_path):
+    model = apply_adapter(tiny_vit(dtype=torch.float64), copy.deepcopy(config))
+    randomize_edits(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = images(dtype=torch.float64)
+    with torch.no_grad():
+        adapted = model(x)
+    assert merge_adapter(model, unload=False) is model
+    assert get_adapter(model) is not None and get_adapter(model).merged
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(k.endswith("base_layer.weight") for k in changed)
+    with torch.no_grad():
+        merged = model(x)
+    assert ((merged - adapted).norm() / adapted.norm()) < 1e-9
+    # While merged: no training step, no adapter file, no second merge.
+    model.train()
+    with pytest.raises(ValueError, match="merged into its weights: call unmerge_adapter"):
+        model(x).sum().backward()
+    model.eval()
+    with pytest.raises(ValueError, match="cannot save an adapter: the adapter is merged"):
+        save_adapter(model, tmp_path / "a.safetensors")
+    with pytest.raises(ValueError, match="merged already; unmerge_adapter"):
+        merge_adapter(model, unload=False)
+    unmerge_adapter(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(model(x), adapted)
+    with pytest.raises(ValueError, match="the adapter is not merged"):
+        unmerge_adapter(model)
+
+
+def test_merge_and_unload_after_merging_in_place_gives_the_plain_model():
+    model = apply_adapter(tiny_vit(dtype=torch.float64), WeGeFTConfig(rank=2, targets="all"))
+    randomize_edits(model)
+    x = images(dtype=torch.float64)
+    with torch.no_grad():
+        adapted = model(x)
+    plain = merge_adapter(merge_adapter(model, unload=False))
+    assert set(plain.state_dict()) == set(tiny_vit().state_dict())
+    with torch.no_grad():
+        assert ((plain(x) - adapted).norm() / adapted.norm()) < 1e-9
+
+
+def test_merge_is_all_or_nothing_when_a_later_layer_diverges():
+    model = apply_adapter(tiny_vit(dtype=torch.float64),
+                          WeGeFTConfig(rank=2, targets="all", shared=False))
+    randomize_edits(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    last = list(get_adapter(model).edits)[-1]
+    with torch.no_grad():
+        get_adapter(model).edits[last].psi.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"layer 'blocks.1.mlp.fc2': merging produced "
+                                         r"non-finite weights"):
+        merge_adapter(model, unload=False)
+    assert not get_adapter(model).merged
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()
+               if "psi" not in k)
+
+
+def test_config_serialisation_round_trips_through_the_registry():
+    from wegeft_vision.adapters import AdapterConfig
+    config = WeGeFTConfig(rank=4, targets=["attn.qkv"], qkv_parts=["v", "q"], recompute=False)
+    data = config.to_dict()
+    assert data == {"class_path": "wegeft_vision.adapters.wegeft.WeGeFTConfig",
+                    "init_args": {"rank": 4, "targets": ["attn.qkv"], "shared": True,
+                                  "alpha": None, "qkv_parts": ["q", "v"], "recompute": False}}
+    assert json.loads(json.dumps(data)) == data
+    again = AdapterConfig.from_dict(data)
+    assert again == config and again.recompute is False
+    # The short path users write in configs names the same registered class.
+    assert AdapterConfig.from_dict({"class_path": "wegeft_vision.LoRAConfig",
+                                    "init_args": {"rank": 3}}) == LoRAConfig(rank=3)
+
+
+def test_a_file_naming_an_unregistered_class_is_refused_without_importing_it(tmp_path,
+                                                                          monkeypatch):
+    from wegeft_vision.adapters import AdapterConfig
+    marker = tmp_path / "imported"
+    (tmp_path / "planted_method.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\nclass Config: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"unknown adapter method 'planted_method.Config': "
+                                         r"registered are .*wegeft"):
+        AdapterConfig.from_dict({"class_path": "planted_method.Config", "init_args": {}})
+    assert not marker.exists()
+
+
+def test_two_classes_cannot_register_one_method_name():
+    from dataclasses import dataclass
+
+    from wegeft_vision.adapters import AdapterConfig, register_method
+
+    @dataclass
+    class Impostor(AdapterConfig):
+        method = "lora"
+
+    with pytest.raises(ValueError, match="'lora' is already registered by "
+                                         "wegeft_vision.adapters.lora.LoRAConfig"):
+        register_method(Impostor)
+
+
+def test_an_outside_method_from_the_docs_fits_with_the_cli(tmp_path, monkeypatch):
+    """docs/adding-a-method.md's example saved as a module: the registry, its adapter file, and
+    `wegeft-vision fit --model.adapter <module>.RowScaleConfig` (the page's command)."""
+    from wegeft_vision.cli import cli_main
+    from pathlib import Path
+
+    from wegeft_vision.adapters import METHODS
+    page = (Path(__file__).parents[1] / "docs" / "adding-a-method.md").read_text()
+    code = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert len(code) == 1
+    (tmp_path / "row_scale_example.py").write_text(code[0])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        module = importlib.import_module("row_scale_example")
+        assert METHODS["row_scale"] is module.RowScaleConfig
+        config, _ = read_adapter_file(tmp_path / "row_scale.safetensors")
+        assert config == module.RowScaleConfig(targets="all")
+        repo = Path(__file__).parents[1]
+        cli = cli_main(["fit", "--config", str(repo / "configs/demo.yaml"),
+                        "--model.adapter", "row_scale_example.RowScaleConfig",
+                        "--model.adapter.targets", "all",
+                        "--model.weights_path", str(repo / "data/demo_backbone.safetensors"),
+                        "--data.init_args.root", str(repo / "data/digits_vtab"),
+                        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+                        "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                        "--trainer.limit_val_batches", "1", "--test_after_fit", "false"])
+        assert isinstance(cli.model.adapter_config, module.RowScaleConfig)
+        trained = [n for n, p in cli.model.named_parameters() if p.requires_grad]
+        assert any(".edits." in n for n in trained) and all(
+            n.startswith("model.adapter.") or n.startswith("model.head.") for n in trained)
+    finally:
+        METHODS.pop("row_scale", None)
+        sys.modules.pop("row_scale_example", None)
+
+
+def test_load_into_an_adapted_model_is_all_or_nothing_when_a_later_tensor_fails(tmp_path):
+    """Every tensor is checked before any is copied: a bad last tensor changes nothing."""
+    from safetensors.torch import load_file, save_file
+    source = apply_adapter(tiny_vit(), WeGeFTConfig(rank=2, targets="all", shared=False))
+    randomize_edits(source)
+    path = save_adapter(source, tmp_path / "a.safetensors")
+    tensors = load_file(str(path))
+    names = trainable_parameter_names(source)
+    tensors[names[-1]] = torch.full_like(tensors[names[-1]], float("nan"))
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    target = apply_adapter(tiny_vit(), WeGeFTConfig(rank=2, targets="all", shared=False))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"tensor '{re.escape(names[-1])}' holds non-finite"):
+        load_adapter(target, tmp_path / "bad.safetensors")
+    assert all(torch.equal(v, before[k]) for k, v in target.state_dict().items())
+
+
+@pytest.mark.parametrize("bad", ["int", "bool", "inf"])
+def test_load_refuses_integer_bool_and_non_finite_tensors(tmp_path, bad):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    source = apply_adapter(tiny_vit(), WeGeFTConfig(rank=2))
+    path = save_adapter(source, tmp_path / "a.safetensors")
+    tensors = load_file(str(path))
+    name = "adapter.edits.attn_proj.phi.weight"
+    value = tensors[name]
+    tensors[name] = {"int": value.to(torch.int32), "bool": value > 0,
+                     "inf": value.clone().fill_(float("inf"))}[bad]
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=metadata)
+    match = "holds non-finite" if bad == "inf" else "has dtype torch.(int32|bool); adapter tensors"
+    with pytest.raises(ValueError, match=rf"tensor '{re.escape(name)}' {match}"):
+        load_adapter(tiny_vit(), tmp_path / "bad.safetensors")

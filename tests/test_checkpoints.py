@@ -16,7 +16,7 @@ from _training_helpers import (BACKBONE, BACKBONE_KWARGS, class_image, make_back
 from wegeft_vision.adapters import WeGeFTConfig
 from wegeft_vision.data import ImageFolderDataModule
 from wegeft_vision.training import ViTClassifier
-from wegeft_vision.training.backbone import fingerprint
+from wegeft_vision.adapters import frozen_fingerprint
 from wegeft_vision.training.export import export_checkpoint
 from wegeft_vision.training.summary import RunSummary
 
@@ -67,7 +67,7 @@ def test_checkpoint_of_any_precision_tests_exports_and_resumes(files: dict[str, 
               if k.startswith("model.") and k not in set(loaded.trainable_names())}
     assert all(v.dtype == torch.float32 for v in frozen.values())
     stored = torch.load(ckpt, weights_only=True)["wegeft_vision"]["frozen_fingerprint"]
-    assert stored == fingerprint(frozen)
+    assert stored == frozen_fingerprint(loaded.model)
 
     tester = trainer(tmp_path / "test", 1, precision=precision)
     tester.test(tiny_model(files["weights"]), datamodule=toy_data(files), ckpt_path=ckpt)

@@ -326,7 +326,7 @@ def test_ckpt_path_refuses_overrides_it_cannot_honour(run: dict, subcommand: str
      r"FileNotFoundError: root folder .*no_such_root does not exist"),
     (["--data.init_args.task", "toyy"], r"Error: .*'toyy'"),
     (["--data.init_args.batch_size", "0"], r"ValueError: batch_size must be a positive int, got 0"),
-    (["--model.adapter.init_args.rank", "-1"], r"ValueError: .*rank.*-1"),
+    (["--model.adapter.init_args.rank", "-1"], r"Error: rank must be a positive int, got -1"),
     (["--model.backbone", "vit_tiny_patch16_2244"],
      r"ValueError: unknown timm backbone 'vit_tiny_patch16_2244'"),
     (["--ckpt_path", "{tmp}/no.ckpt"], r"FileNotFoundError: --ckpt_path .*no.ckpt does not exist"),

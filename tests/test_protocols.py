@@ -363,7 +363,8 @@ def test_chain_search_picks_the_best_and_final_runs_use_it(chain):
         assert record.epochs == 1 and 0.0 <= accuracy <= 1.0
         assert record.trainable_params == TINY_TRAINABLE and record.backbone_params == backbone
         assert record.head_params == 32 * 10 + 10
-        assert record.adapter["method"] == "wegeft" and record.adapter["rank"] == 4
+        assert record.adapter["class_path"].endswith(".WeGeFTConfig")
+        assert record.adapter["init_args"]["rank"] == 4
         assert record.versions["timm"] and record.versions["torch"]
         assert record.memory_kind == "process_peak_rss" and record.peak_memory_mb > 10
         assert record.wall_time_s > 0 and record.config_digest

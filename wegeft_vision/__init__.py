@@ -4,7 +4,8 @@ from typing import Any
 
 from .adapters import (AdapterConfig, FullFinetuneConfig, LinearProbeConfig, LoRAConfig,
                        ParameterCount, WeGeFTConfig, apply_adapter, count_parameters, load_adapter,
-                       merge_adapter, remove_adapter, save_adapter)
+                       merge_adapter, register_method, remove_adapter, save_adapter,
+                       unmerge_adapter)
 
 __version__ = "0.1.0"
 
@@ -17,7 +18,8 @@ _LAZY = {
 
 __all__ = [
     "AdapterConfig", "WeGeFTConfig", "LoRAConfig", "LinearProbeConfig", "FullFinetuneConfig",
-    "ParameterCount", "apply_adapter", "merge_adapter", "remove_adapter", "save_adapter",
+    "ParameterCount", "apply_adapter", "merge_adapter", "unmerge_adapter", "remove_adapter",
+    "save_adapter", "register_method",
     "load_adapter", "count_parameters", "__version__", *_LAZY,
 ]
 

@@ -16,3 +16,7 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class RunFolderInUseError(UserError):
     """A run folder already holds another run's files, or another process is working in it."""
+
+
+class UserTypeError(UserError, TypeError):
+    """A value the user gave has the wrong type."""

@@ -1,17 +1,25 @@
-"""WeGeFT and its baselines on timm ViTs: configs, layers, and the verbs that apply them."""
-from .config import (TARGET_PRESETS, AdapterConfig, FullFinetuneConfig, LinearProbeConfig,
-                     LoRAConfig, WeGeFTConfig)
-from .layer import AdaptedLinear
-from .lora import LoRALinear, LoRAPair
+"""WeGeFT and its baselines on timm ViTs: a registry of methods and the verbs that apply them.
+
+Each method is one module (its config, its layer, how it merges) registered by name; importing
+this package registers the built-in ones.
+"""
+from .base import METHODS, AdapterConfig, AdapterLayer, get_method, register_method
+from .full import FullFinetuneConfig
+from .layer import AdaptedLinear, Edit
+from .linear_probe import LinearProbeConfig
+from .lora import LoRAConfig, LoRALinear, LoRAPair
 from .model import (ParameterCount, adapter_state_dict, apply_adapter, count_parameters,
-                    fingerprint, get_adapter, load_adapter, merge_adapter, read_adapter_file,
-                    remove_adapter, save_adapter, trainable_parameter_names)
-from .wegeft import WeGeFTGenerator, WeGeFTLinear
+                    fingerprint, frozen_fingerprint, get_adapter, load_adapter, merge_adapter,
+                    read_adapter_file, remove_adapter, save_adapter, trainable_parameter_names,
+                    unmerge_adapter)
+from .targets import TARGET_PRESETS
+from .wegeft import WeGeFTConfig, WeGeFTGenerator, WeGeFTLinear
 
 __all__ = [
-    "TARGET_PRESETS", "AdapterConfig", "WeGeFTConfig", "LoRAConfig", "LinearProbeConfig",
-    "FullFinetuneConfig", "AdaptedLinear", "WeGeFTLinear", "WeGeFTGenerator", "LoRALinear",
-    "LoRAPair", "ParameterCount", "apply_adapter", "merge_adapter", "remove_adapter",
+    "METHODS", "AdapterConfig", "AdapterLayer", "register_method", "get_method",
+    "TARGET_PRESETS", "WeGeFTConfig", "LoRAConfig", "LinearProbeConfig", "FullFinetuneConfig",
+    "AdaptedLinear", "Edit", "WeGeFTLinear", "WeGeFTGenerator", "LoRALinear", "LoRAPair",
+    "ParameterCount", "apply_adapter", "merge_adapter", "unmerge_adapter", "remove_adapter",
     "save_adapter", "load_adapter", "read_adapter_file", "adapter_state_dict", "count_parameters",
-    "get_adapter", "trainable_parameter_names", "fingerprint",
+    "get_adapter", "trainable_parameter_names", "fingerprint", "frozen_fingerprint",
 ]

@@ -1,13 +1,54 @@
-"""LoRA, the baseline WeGeFT is compared with: y = Wx + b + scale·B(A(x))."""
+"""LoRA, the baseline WeGeFT is compared with: y = Wx + b + scale·B(A(x)).
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .config import QKV_PARTS
-from .layer import AdaptedLinear, Edit
+from .base import QKV_PARTS, AdapterConfig, check_rank, lora_scale, register_method
+from .layer import AdaptedLinear, Edit, check_rank_fits, inject_linear, rows_of
+from .targets import Targets, check_parts, expand_targets
+
+
+@register_method
+@dataclass
+class LoRAConfig(AdapterConfig):
+    """LoRA: y = Wx + b + (alpha/r)·B(A(x)), one (A, B) pair per layer.
+
+    Args:
+        rank: r.
+        alpha: None for a scale of 1; a number scales by alpha/rank.
+        targets: as for WeGeFT (:mod:`wegeft_vision.adapters.targets`).
+        qkv_parts: LoRA on e.g. the q and v rows of the fused qkv only.
+    """
+
+    method = "lora"
+    rank: int = 8
+    alpha: Optional[float] = None
+    targets: Targets = ("attn.proj",)
+    qkv_parts: Optional[Sequence[str]] = None
+
+    def __post_init__(self) -> None:
+        check_rank(self.rank, self.alpha)
+        self.targets = expand_targets(self.targets)
+        self.qkv_parts = check_parts(self.qkv_parts)
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.alpha, self.rank)
+
+    def inject(self, model: nn.Module) -> dict[str, nn.Module]:
+        def make_edit(name: str, layer: nn.Linear, rows: slice) -> Edit:
+            check_rank_fits(self.rank, name, layer)
+            return LoRAPair(layer.in_features, rows_of(layer, rows), self.rank, self.scale)
+
+        return inject_linear(model, self.targets, self.qkv_parts, LoRALinear, make_edit)
 
 
 class LoRAPair(Edit):
@@ -34,13 +75,12 @@ class LoRAPair(Edit):
 class LoRALinear(AdaptedLinear):
     """y = Wx + b + scale·B(A(x)), per q/k/v part when the edits are keyed by part."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         whole = self.edits.get(None)
         if whole is not None:
             return out + whole(x)
-        size = self.base_layer.out_features // len(QKV_PARTS)
-        chunks = list(out.split(size, dim=-1))
+        chunks = [out[..., self.part_rows(part)] for part in QKV_PARTS]
         for index, part in enumerate(QKV_PARTS):
             edit = self.edits.get(part)
             if edit is not None:

@@ -2,27 +2,84 @@
 
 The layer computes the representation form y = W(x + phi(psi(x))) + b, a low-rank edit of the
 layer's input, so training never builds dW; merging folds it into W' = W(I + phi·psi).
+Savadikar et al., "WeGeFT: Weight-Generative Fine-Tuning", ICML 2025 (arXiv 2312.00700).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from .config import QKV_PARTS
+from ..errors import UserError, UserTypeError
+from .base import QKV_PARTS, AdapterConfig, check_rank, lora_scale, register_method
 from .functional import EditSpec, plain_form_enabled, wegeft_linear, wegeft_linear_plain
-from .layer import AdaptedLinear, Edit
+from .layer import AdaptedLinear, Edit, check_rank_fits, inject_linear
+from .targets import Targets, check_parts, expand_targets
+
+
+@register_method
+@dataclass
+class WeGeFTConfig(AdapterConfig):
+    """WeGeFT: dW = W·phi·psi, applied as y = W(x + phi(psi(x))) + b.
+
+    Initialised as the authors' vision code: psi = 0 and phi ~ U(+-1/sqrt(d_in)), so training
+    starts at the pretrained model and only psi moves at step 1.
+
+    Args:
+        rank: generator rank r (psi: d_in -> r, phi: r -> d_in).
+        targets: block projection kinds ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
+            presets of them ("attn", "mlp", "all"), other layer-name suffixes or full-match
+            regexes; see :mod:`wegeft_vision.adapters.targets` for each timm family.
+        shared: one generator per target kind for all blocks (the paper), else one per layer.
+        alpha: None for no scaling (the paper's vision setting); a number scales by alpha/rank.
+        qkv_parts: None treats timm's fused qkv as one layer; e.g. ("q", "v") gives each named
+            part its own generator, fed with its own rows of W, and leaves the others unchanged.
+        recompute: rebuild each adapted layer's input in backward from what LayerNorm, GELU or
+            attention saved anyway instead of storing a copy (activation memory near the frozen
+            floor); a runtime choice: config equality, and so loading an adapter, ignores it.
+    """
+
+    method = "wegeft"
+    rank: int = 16
+    targets: Targets = ("attn.proj",)
+    shared: bool = True
+    alpha: Optional[float] = None
+    qkv_parts: Optional[Sequence[str]] = None
+    recompute: bool = dataclasses.field(default=True, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.recompute, bool):
+            raise UserTypeError(f"recompute must be True or False, got {self.recompute!r}")
+        check_rank(self.rank, self.alpha)
+        self.targets = expand_targets(self.targets)
+        self.qkv_parts = check_parts(self.qkv_parts)
+
+    @property
+    def scale(self) -> float:
+        return lora_scale(self.alpha, self.rank)
+
+    def inject(self, model: nn.Module) -> dict[str, nn.Module]:
+        def make_edit(name: str, layer: nn.Linear, rows: slice) -> Edit:
+            check_rank_fits(self.rank, name, layer)
+            return WeGeFTGenerator(layer.in_features, self.rank, self.scale)
+
+        return inject_linear(model, self.targets, self.qkv_parts,
+                             lambda layer, edits: WeGeFTLinear(layer, edits, self.recompute),
+                             make_edit, shared=self.shared)
 
 
 class WeGeFTGenerator(Edit):
     """The generator (phi, psi), psi: d_in -> r, phi: r -> d_in; the layers apply it through
     :mod:`.functional` (x -> x + scale·phi(psi(x))), so it holds parameters and merges.
 
-    Initialised as the authors' vision code does (gift/gift/modeling_gift.py, which builds
-    dW = out_proj(in_proj(W)) row by row): phi = in_proj.weight^T starts U(+-1/sqrt(d_in)) (the
-    default init of an ``nn.Linear(d_in, r)``, fan-in d_in) and psi = out_proj.weight^T starts at
-    zero. So the model starts at its pretrained output and at step 1 only psi gets a gradient.
+    Initialised as the authors' vision code does (savadikarc/gift, gift/modeling_gift.py, which
+    builds dW = out_proj(in_proj(W)) row by row): phi = in_proj.weight^T starts U(+-1/sqrt(d_in))
+    (the default init of an ``nn.Linear(d_in, r)``, fan-in d_in) and psi = out_proj.weight^T starts
+    at zero. So the model starts at its pretrained output and at step 1 only psi gets a gradient.
     """
 
     def __init__(self, in_features: int, rank: int, scale: float = 1.0) -> None:
@@ -53,7 +110,10 @@ class WeGeFTLinear(AdaptedLinear):
     what its producer (LayerNorm, GELU, attention) saved anyway, instead of keeping a copy.
     """
 
-    recompute: bool = True
+    def __init__(self, base_layer: nn.Linear, edits: dict[Optional[str], Edit],
+                 recompute: bool = True) -> None:
+        super().__init__(base_layer, edits)
+        self.recompute = recompute
 
     def edit_specs(self) -> list[EditSpec]:
         """The edits as the functional form takes them, in q, k, v row order."""
@@ -66,7 +126,7 @@ class WeGeFTLinear(AdaptedLinear):
                                       rows=None if rows is None else (rows.start, rows.stop)))
         return specs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.base_layer.weight, self.base_layer.bias
         if plain_form_enabled():
             return wegeft_linear_plain(x, weight, bias, self.edit_specs())

@@ -17,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from ..adapters.model import fingerprint, head_parameter_names  # noqa: F401 (re-exported)
+from ..adapters.targets import head_parameter_names
 
 WEIGHT_SUFFIXES: tuple[str, ...] = (".npz", ".safetensors", ".pth", ".pt", ".bin")
 

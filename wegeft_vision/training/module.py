@@ -6,8 +6,6 @@ weights proves on loading that the re-created backbone is the one the adapter wa
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib
 import math
 import warnings
 from pathlib import Path
@@ -21,9 +19,9 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..adapters import (AdapterConfig, FullFinetuneConfig, WeGeFTConfig, apply_adapter,
-                        count_parameters, trainable_parameter_names)
+                        count_parameters, frozen_fingerprint, trainable_parameter_names)
 from ..adapters.model import ParameterCount
-from .backbone import create_backbone, fingerprint
+from .backbone import create_backbone
 from .optim import build_adamw, warmup_cosine
 
 PAPER_BACKBONE = "vit_base_patch16_224.augreg_in21k"
@@ -36,28 +34,6 @@ MODEL_PREFIX = "model."
 set_parsing_settings(subclasses_enabled=[AdapterConfig])
 # Hyper-parameters that must agree between a checkpoint and the model it is loaded into.
 IDENTITY_HPARAMS: tuple[str, ...] = ("backbone", "num_classes", "backbone_kwargs", "adapter")
-
-
-def adapter_to_hparam(config: AdapterConfig) -> dict[str, Any]:
-    """The adapter config as jsonargparse's class_path form: plain data, so checkpoints load with
-    ``torch.load(weights_only=True)`` and LightningCLI can parse it back."""
-    cls = type(config)
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    init_args = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
-
-
-def adapter_from_hparam(value: Any) -> AdapterConfig:
-    """Accept a config or its class_path form (as stored in checkpoints)."""
-    if isinstance(value, AdapterConfig):
-        return value
-    if isinstance(value, dict) and "class_path" in value:
-        module_name, _, class_name = value["class_path"].rpartition(".")
-        cls = getattr(importlib.import_module(module_name), class_name, None)
-        if isinstance(cls, type) and issubclass(cls, AdapterConfig):
-            return cls(**value.get("init_args", {}))
-    raise TypeError(f"adapter must be an AdapterConfig (e.g. WeGeFTConfig()) or its class_path "
-                    f"form, got {value!r}")
 
 
 def eval_data_config(datamodule: Any) -> Optional[dict[str, Any]]:
@@ -121,9 +97,9 @@ class ViTClassifier(L.LightningModule):
             weights_path = checkpoint_path
         if weights_path is not None:
             weights_path = str(Path(weights_path).expanduser().resolve())
-        self.adapter_config = adapter_from_hparam(adapter)
+        self.adapter_config = AdapterConfig.from_dict(adapter)
         # save_hyperparameters reads the local variables: store the plain class_path form.
-        adapter = adapter_to_hparam(self.adapter_config)
+        adapter = self.adapter_config.to_dict()
         for name, value in (("lr", lr), ("warmup_lr", warmup_lr), ("min_lr", min_lr),
                             ("weight_decay", weight_decay), ("warmup_epochs", warmup_epochs),
                             ("drop_path_rate", drop_path_rate)):
@@ -256,7 +232,7 @@ class ViTClassifier(L.LightningModule):
                    if not k.startswith("_")}
         if "checkpoint_path" in hparams:  # written before the rename to weights_path
             hparams["weights_path"] = hparams.pop("checkpoint_path")
-        if isinstance(adapter_from_hparam(hparams["adapter"]), FullFinetuneConfig):
+        if isinstance(AdapterConfig.from_dict(hparams["adapter"]), FullFinetuneConfig):
             # Every tensor is in the checkpoint: no need to fetch the pretrained weights.
             hparams.update(pretrained=False, weights_path=None)
         model = cls(**{**hparams, **overrides})
@@ -269,9 +245,7 @@ class ViTClassifier(L.LightningModule):
         return self._frozen_fingerprint
 
     def _fingerprint_frozen(self) -> str:
-        trainable = set(self.trainable_names())
-        return fingerprint({k: v for k, v in self.state_dict().items()
-                            if k.startswith(MODEL_PREFIX) and k not in trainable})
+        return frozen_fingerprint(self.model)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = set(self.trainable_names())
@@ -317,7 +291,7 @@ class ViTClassifier(L.LightningModule):
         for key in IDENTITY_HPARAMS:
             theirs, ours = identity.get(key), self.hparams.get(key)
             if key == "adapter" and theirs is not None:
-                theirs, ours = adapter_from_hparam(theirs), self.adapter_config
+                theirs, ours = AdapterConfig.from_dict(theirs), self.adapter_config
             if key == "backbone_kwargs":
                 theirs, ours = theirs or {}, ours or {}
             if theirs != ours:
