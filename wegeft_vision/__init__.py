@@ -6,6 +6,7 @@ from .adapters import (AdapterConfig, FullFinetuneConfig, LinearProbeConfig, LoR
                        ParameterCount, WeGeFTConfig, apply_adapter, count_parameters, load_adapter,
                        merge_adapter, register_method, remove_adapter, save_adapter,
                        unmerge_adapter)
+from .adapters import DoRAConfig, VeRAConfig
 
 __version__ = "0.1.0"
 
@@ -20,7 +21,7 @@ __all__ = [
     "AdapterConfig", "WeGeFTConfig", "LoRAConfig", "LinearProbeConfig", "FullFinetuneConfig",
     "ParameterCount", "apply_adapter", "merge_adapter", "unmerge_adapter", "remove_adapter",
     "save_adapter", "register_method",
-    "load_adapter", "count_parameters", "__version__", *_LAZY,
+    "load_adapter", "count_parameters", "__version__", "DoRAConfig", "VeRAConfig", *_LAZY,
 ]
 
 
