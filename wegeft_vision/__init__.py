@@ -2,10 +2,11 @@
 from importlib import import_module
 from typing import Any
 
-from .adapters import (AdapterConfig, BitFitConfig, FullFinetuneConfig, LinearProbeConfig,
-                       LoRAConfig, ParameterCount, VPTConfig, WeGeFTConfig, apply_adapter,
-                       count_parameters, load_adapter, merge_adapter, register_method,
-                       remove_adapter, save_adapter, unmerge_adapter)
+from .adapters import (AdapterConfig, BitFitConfig, DoRAConfig, FullFinetuneConfig,
+                       LinearProbeConfig, LoRAConfig, ParameterCount, VeRAConfig, VPTConfig,
+                       WeGeFTConfig, apply_adapter, count_parameters, load_adapter,
+                       merge_adapter, register_method, remove_adapter, save_adapter,
+                       unmerge_adapter)
 
 __version__ = "0.1.0"
 
@@ -21,7 +22,7 @@ __all__ = [
     "VPTConfig", "BitFitConfig",
     "ParameterCount", "apply_adapter", "merge_adapter", "unmerge_adapter", "remove_adapter",
     "save_adapter", "register_method",
-    "load_adapter", "count_parameters", "__version__", *_LAZY,
+    "load_adapter", "count_parameters", "__version__", "DoRAConfig", "VeRAConfig", *_LAZY,
 ]
 
 

@@ -5,6 +5,7 @@ this package registers the built-in ones.
 """
 from .base import METHODS, AdapterConfig, AdapterLayer, get_method, register_method
 from .bitfit import BitFitConfig
+from .dora import DoRAConfig, DoRAEdit, DoRALinear
 from .full import FullFinetuneConfig
 from .layer import AdaptedLinear, Edit
 from .linear_probe import LinearProbeConfig
@@ -15,6 +16,7 @@ from .model import (ParameterCount, adapter_state_dict, apply_adapter, count_par
                     unmerge_adapter)
 from .targets import TARGET_PRESETS
 from .vpt import PromptedBlock, PromptTokens, VPTConfig
+from .vera import VeRAConfig, VeRAEdit, VeRAProjections
 from .wegeft import WeGeFTConfig, WeGeFTGenerator, WeGeFTLinear
 
 __all__ = [
@@ -25,4 +27,5 @@ __all__ = [
     "ParameterCount", "apply_adapter", "merge_adapter", "unmerge_adapter", "remove_adapter",
     "save_adapter", "load_adapter", "read_adapter_file", "adapter_state_dict", "count_parameters",
     "get_adapter", "trainable_parameter_names", "fingerprint", "frozen_fingerprint",
+    "DoRAConfig", "DoRAEdit", "DoRALinear", "VeRAConfig", "VeRAEdit", "VeRAProjections",
 ]
