@@ -191,9 +191,6 @@ def cli_main(args: Optional[Union[list[str], dict[str, Any], Namespace]] = None,
                           "logger": lazy_instance(CSVLogger, save_dir="runs"),
                           "callbacks": [RunSummary(), PredictionWriter()]},
         save_config_callback=SaveRunConfig,
-        # hparams are ViTClassifier's own arguments, which load_from_checkpoint passes back
-        # without importing anything a checkpoint names (Lightning's _instantiator).
-        load_from_checkpoint_support=False,
         parser_kwargs={"description": DESCRIPTION},
     )
     _close_process_group()

@@ -79,6 +79,11 @@ class ViTClassifier(L.LightningModule):
         if not 0 <= label_smoothing < 1:
             raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters(ignore=["allow_other_preprocessing"])
+        # Under LightningCLI, hparams are the parsed config: store the resolved path and the
+        # registered adapter class, keep num_classes (a link target), and drop Lightning's
+        # _instantiator, a module load_from_checkpoint would import (checkpoints name no code).
+        self.hparams.pop("_instantiator", None)
+        self.hparams.update(weights_path=weights_path, num_classes=num_classes, adapter=adapter)
         self.allow_other_preprocessing = allow_other_preprocessing
         self.model = create_backbone(backbone, num_classes, pretrained=pretrained,
                                      weights_path=weights_path,
