@@ -219,16 +219,27 @@ class SaveRunConfig(SaveConfigCallback):
     with RunFolderInUseError, unless it resumes a checkpoint of that folder; an earlier run's
     config.yaml is never rewritten (a resumed fit keeps its run's, and an evaluation into a
     folder that has one writes none), so ``export`` always ships the command that trained the
-    checkpoint.
+    checkpoint. A fit is checked at its start, once Lightning knows the checkpoint it resumes
+    (after setup) and before anything is written into the folder (hparams.yaml, checkpoints).
     """
 
     def setup(self, trainer: "L.Trainer", pl_module: "L.LightningModule", stage: str) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._save_once(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: "L.Trainer", pl_module: "L.LightningModule") -> None:
+        self._save_once(trainer, pl_module, "fit")
+
+    def _save_once(self, trainer: "L.Trainer", pl_module: "L.LightningModule",
+                   stage: str) -> None:
         if self.already_saved:
             return
         log_dir = Path(trainer.log_dir)  # collective: every rank calls it
         config = log_dir / self.config_filename
-        used = self._used_by_another_run(trainer, config, self.config.get("ckpt_path")) \
-            if trainer.is_global_zero else None
+        used = None
+        if trainer.is_global_zero and stage == "fit":
+            used = self._other_run(trainer, config, trainer.ckpt_path or self.config.get(
+                "ckpt_path"))
         used = trainer.strategy.broadcast(used)
         if used:
             raise RunFolderInUseError(
@@ -236,22 +247,18 @@ class SaveRunConfig(SaveConfigCallback):
                 "its files with that run's. Give this run its own folder (another "
                 "--trainer.default_root_dir, or a logger name/version), or resume that run with "
                 "--ckpt_path on its checkpoint")
-        if trainer.is_global_zero and not config.exists():
-            log_dir.mkdir(parents=True, exist_ok=True)
-            self.parser.save(self.config, str(config), skip_none=False,
-                             multifile=self.multifile)
         if trainer.is_global_zero:
+            if not config.exists():
+                log_dir.mkdir(parents=True, exist_ok=True)
+                self.parser.save(self.config, str(config), skip_none=False,
+                                 multifile=self.multifile)
             self.save_config(trainer, pl_module, stage)
         self.already_saved = trainer.strategy.broadcast(True)
 
     @staticmethod
-    def _used_by_another_run(trainer: "L.Trainer", config: Path,
-                             ckpt_path: Optional[str]) -> Optional[str]:
-        # The --ckpt_path as given: Lightning sets trainer.ckpt_path only after setup.
-        if trainer.state.fn != TrainerFn.FITTING or str(ckpt_path) in SPECIAL_CKPT_PATHS:
-            return None
-        # A ModelCheckpoint without a dirpath writes into <log dir>/checkpoints (it resolves
-        # that in its own setup, which Lightning runs after this one's).
+    def _other_run(trainer: "L.Trainer", config: Path, ckpt_path: Any) -> Optional[str]:
+        """What shows that another run used the folder; None if free or resumed."""
+        # A ModelCheckpoint without a dirpath writes into <log dir>/checkpoints.
         folders = {config.parent, *(Path(c.dirpath or config.parent / "checkpoints")
                                     for c in trainer.checkpoint_callbacks)}
         resumed = Path(ckpt_path).resolve() if ckpt_path else None
