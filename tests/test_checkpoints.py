@@ -15,13 +15,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from tests.helpers.training import (BACKBONE, BACKBONE_KWARGS, class_image, make_backbone_file,
-                                    make_toy_task, tiny_model, toy_data, trainer)
-from wegeft_vision.adapters import LoRAConfig
-from wegeft_vision.errors import UserError
+from tests.helpers.training import (class_image, make_backbone_file, make_toy_task, tiny_model,
+                                    toy_data, trainer)
+from wegeft_vision.adapters import LoRAConfig, frozen_fingerprint
 from wegeft_vision.data import ImageFolderDataModule, VTAB1kDataModule
+from wegeft_vision.errors import UserError
 from wegeft_vision.training import ViTClassifier
-from wegeft_vision.adapters import frozen_fingerprint
 from wegeft_vision.training.export import export_checkpoint
 from wegeft_vision.training.summary import RunSummary
 
