@@ -3,7 +3,11 @@ Lightning's own load_from_checkpoint, only on data with the classes they were tr
 with a summary that counts epochs as the trainer does after a resume."""
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import lightning as L
@@ -11,12 +15,12 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from tests.helpers.training import (BACKBONE, BACKBONE_KWARGS, class_image, make_backbone_file,
-                                    make_toy_task, tiny_model, toy_data, trainer)
-from wegeft_vision.adapters import WeGeFTConfig
-from wegeft_vision.data import ImageFolderDataModule
+from tests.helpers.training import (class_image, make_backbone_file, make_toy_task, tiny_model,
+                                    toy_data, trainer)
+from wegeft_vision.adapters import LoRAConfig, frozen_fingerprint
+from wegeft_vision.data import ImageFolderDataModule, VTAB1kDataModule
+from wegeft_vision.errors import UserError
 from wegeft_vision.training import ViTClassifier
-from wegeft_vision.adapters import frozen_fingerprint
 from wegeft_vision.training.export import export_checkpoint
 from wegeft_vision.training.summary import RunSummary
 
@@ -73,15 +77,18 @@ def test_checkpoint_of_any_precision_tests_exports_and_resumes(files: dict[str, 
     tester.test(tiny_model(files["weights"]), datamodule=toy_data(files), ckpt_path=ckpt)
     assert 0 <= float(tester.callback_metrics["test/acc"]) <= 1
 
+    resumed = trainer(tmp_path / "resume", 2, precision=precision)
     if precision == "16-true":
-        # AdamW's eps (1e-8) is 0 in float16: the adapter diverges at the first step, and
-        # export refuses non-finite weights rather than writing them.
+        # AdamW's eps (1e-8) is 0 in float16: the adapter diverges at the first step, export
+        # refuses non-finite weights rather than writing them, and the resumed fit stops at
+        # its first step, the second of the run.
         with pytest.raises(ValueError, match="non-finite weights; the adapter has diverged"):
             export_checkpoint(ckpt, tmp_path / "export")
-    else:
-        assert export_checkpoint(ckpt, tmp_path / "export")[0].is_file()
-
-    resumed = trainer(tmp_path / "resume", 2, precision=precision)
+        with pytest.raises(UserError, match=r"the training loss became nan at global step 1 "
+                                            r"\(epoch 1, batch 0; counted from 0\)"):
+            resumed.fit(tiny_model(files["weights"]), datamodule=toy_data(files), ckpt_path=ckpt)
+        return
+    assert export_checkpoint(ckpt, tmp_path / "export")[0].is_file()
     resumed.fit(tiny_model(files["weights"]), datamodule=toy_data(files), ckpt_path=ckpt)
     assert resumed.current_epoch == 2 and resumed.global_step == 2
 
@@ -107,36 +114,43 @@ def test_lightning_load_from_checkpoint_takes_a_moved_weights_path(files: dict[s
     assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
 
 
-def test_old_checkpoint_path_name_still_loads(files: dict[str, Path], tmp_path: Path) -> None:
-    ckpt = fitted(files, tmp_path)
-    old = torch.load(ckpt, weights_only=True)
-    hparams = old["hyper_parameters"]
-    hparams["checkpoint_path"] = hparams.pop("weights_path")
-    torch.save(old, tmp_path / "old.ckpt")
-    reference = ViTClassifier.from_checkpoint(ckpt).state_dict()
-    rebuilt = ViTClassifier.from_checkpoint(tmp_path / "old.ckpt")  # quietly: not the user's doing
-    assert all(torch.equal(v, reference[k]) for k, v in rebuilt.state_dict().items())
-    with pytest.warns(FutureWarning, match=r"checkpoint_path=...\) is deprecated.*weights_path"):
-        model = ViTClassifier.load_from_checkpoint(tmp_path / "old.ckpt")
-    assert "checkpoint_path" not in model.hparams
-    assert model.hparams.weights_path == str(files["weights"].resolve())
-    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
-
-
-def test_weights_path_is_stored_absolute_and_the_old_name_warns(files: dict[str, Path],
-                                                                monkeypatch: pytest.MonkeyPatch
-                                                                ) -> None:
+def test_weights_path_is_stored_absolute(files: dict[str, Path],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(files["weights"].parent)
     model = tiny_model("backbone.safetensors")
     assert model.hparams.weights_path == str(files["weights"].resolve())
-    with pytest.warns(FutureWarning, match="deprecated"):
-        old = ViTClassifier(BACKBONE, 3, checkpoint_path="backbone.safetensors",
-                            backbone_kwargs=BACKBONE_KWARGS, adapter=WeGeFTConfig(rank=2))
-    assert old.hparams.weights_path == str(files["weights"].resolve())
-    assert "checkpoint_path" not in old.hparams
-    with pytest.raises(ValueError, match="give the backbone weights once"), \
-            pytest.warns(FutureWarning):
-        ViTClassifier(BACKBONE, 3, weights_path="a.safetensors", checkpoint_path="b.safetensors")
+
+
+def test_loading_needs_no_parsing_settings_and_importing_sets_none(files: dict[str, Path],
+                                                                   tmp_path: Path) -> None:
+    """Importing the library changes no process-wide jsonargparse setting, and Lightning's
+    load_from_checkpoint rebuilds a non-default adapter from its class_path form without them."""
+    L.seed_everything(0)
+    trained = tiny_model(files["weights"], adapter=LoRAConfig(rank=2))
+    trainer(tmp_path, 1).fit(trained, datamodule=toy_data(files))
+    torch.save(trained.state_dict(), tmp_path / "reference.pt")
+    script = textwrap.dedent(f"""
+        import torch
+        from jsonargparse import ArgumentParser
+        from wegeft_vision.training import ViTClassifier
+        from wegeft_vision.adapters import AdapterConfig
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_argument("--adapter", type=AdapterConfig)
+        try:  # a class_path for a dataclass parses only with subclasses enabled for it
+            parser.parse_args(['--adapter={{"class_path": "wegeft_vision.LoRAConfig"}}'])
+            print("import enabled subclasses of AdapterConfig")
+        except Exception:
+            pass
+        model = ViTClassifier.load_from_checkpoint({str(tmp_path / "last.ckpt")!r})
+        assert type(model.adapter_config).__name__ == "LoRAConfig"
+        assert model.adapter_config.rank == 2
+        reference = torch.load({str(tmp_path / "reference.pt")!r})
+        assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=240)
+    assert result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
 # Class names.
@@ -181,6 +195,30 @@ def test_renamed_classes_are_refused(files: dict[str, Path], tmp_path: Path, sta
         run.test(tiny_model(files["weights"], num_classes=3),
                  datamodule=folder_data(trained_on), ckpt_path=ckpt)
         assert "test/acc" in run.callback_metrics
+
+
+# Preprocessing.
+@pytest.mark.parametrize("stage", ["test", "validate", "predict", "fit"])
+def test_other_preprocessing_is_refused_unless_allowed(files: dict[str, Path], tmp_path: Path,
+                                                       stage: str) -> None:
+    ckpt = crashed(files, tmp_path / "fit", epochs=2, at=1)
+    assert torch.load(ckpt, weights_only=True)["wegeft_vision"]["data_config"] == \
+        toy_data(files).eval_data_config()
+    other = VTAB1kDataModule(str(files["data"]), "toy", split="train800", num_classes=6,
+                             batch_size=12, num_workers=0, image_size=32, mean=(0.0,) * 3,
+                             std=(1.0,) * 3)
+    run = trainer(tmp_path / stage, 2)
+    with pytest.raises(UserError, match=r"last.ckpt was evaluated with other preprocessing than "
+                                        r"VTAB1kDataModule gives \(checkpoint -> data\): mean "
+                                        r"\[0.5, 0.5, 0.5\] -> \[0.0, 0.0, 0.0\]; std \[0.5, "
+                                        r"0.5, 0.5\] -> \[1.0, 1.0, 1.0\]\. .*"
+                                        r"--model.allow_other_preprocessing true"):
+        getattr(run, stage)(tiny_model(files["weights"]), datamodule=other, ckpt_path=ckpt)
+    assert not any(k.startswith(("test/", "val/")) for k in run.callback_metrics)
+    run = trainer(tmp_path / f"{stage}_allowed", 2)
+    getattr(run, stage)(tiny_model(files["weights"], allow_other_preprocessing=True),
+                        datamodule=other, ckpt_path=ckpt)
+    assert run.state.finished
 
 
 def test_resume_with_another_schedule_length_is_refused(files: dict[str, Path],

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,7 @@ import yaml
 from tests.helpers.training import fit_toy_run, make_toy_task
 from wegeft_vision.cli import cli_main, main
 from wegeft_vision.data import FGVC_DATASETS, VTAB_TASKS
+from wegeft_vision.errors import RunFolderInUseError, UserError
 from wegeft_vision.training import ViTClassifier
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -289,19 +292,19 @@ def test_run_is_reused_from_another_folder_and_a_typed_weights_path_wins(
     assert float(tested.trainer.callback_metrics["test/acc"]) == pytest.approx(accuracy)
 
 
-OTHER_SETTINGS = (r"checkpoint .*last.ckpt was trained with other settings than given "
-                  r"\(command line or config\): ")
 
 
 @pytest.mark.parametrize("subcommand, override, refused", [
     ("test", ["--model.adapter.init_args.rank", "8"],
      r"checkpoint .*last.ckpt was trained with adapter=WeGeFTConfig\(rank=4.*but this model has "
      r"adapter=WeGeFTConfig\(rank=8"),
+    # Refused before the model is built: depth 3 could not load the depth-2 weights file.
     ("validate", ["--model.backbone_kwargs", '{"depth": 3}'],
-     OTHER_SETTINGS + r"--model.backbone_kwargs=\{'depth': 3\} \(checkpoint: .*'depth': 2"),
-    ("fit", ["--model.lr", "0.5"], OTHER_SETTINGS + r"--model.lr=0.5 \(checkpoint: 0.01\).*a "
-                                   r"resumed fit continues the checkpoint's model, optimizer and "
-                                   r"schedule"),
+     r"checkpoint .*last.ckpt was trained with backbone_kwargs=\{'depth': 2.*but this model has "
+     r"backbone_kwargs=\{'depth': 3\}"),
+    ("fit", ["--model.lr", "0.5"], r"checkpoint .*last.ckpt was trained with other settings than "
+                                   r"this fit's: lr=0.5 \(checkpoint: 0.01\). A resumed fit "
+                                   r"continues the checkpoint's model, optimizer and schedule"),
     ("test", ["--model.lr", "0.5"], None),  # changes nothing in an evaluation: honoured
 ])
 def test_ckpt_path_refuses_overrides_it_cannot_honour(run: dict, subcommand: str,
@@ -323,15 +326,16 @@ def test_ckpt_path_refuses_overrides_it_cannot_honour(run: dict, subcommand: str
 # User errors: one line naming the culprit, a traceback only on request.
 @pytest.mark.parametrize("args, message", [
     (["--data.init_args.root", "{tmp}/no_such_root"],
-     r"FileNotFoundError: root folder .*no_such_root does not exist"),
-    (["--data.init_args.task", "toyy"], r"Error: .*'toyy'"),
-    (["--data.init_args.batch_size", "0"], r"ValueError: batch_size must be a positive int, got 0"),
-    (["--model.adapter.init_args.rank", "-1"], r"Error: rank must be a positive int, got -1"),
+     r"MissingFileError: root folder .*no_such_root does not exist"),
+    (["--data.init_args.task", "toyy"], r"UserError: .*'toyy'"),
+    (["--data.init_args.batch_size", "0"], r"UserError: batch_size must be a positive int, got 0"),
+    (["--model.adapter.init_args.rank", "-1"], r"UserError: rank must be a positive int, got -1"),
     (["--model.backbone", "vit_tiny_patch16_2244"],
-     r"ValueError: unknown timm backbone 'vit_tiny_patch16_2244'"),
-    (["--ckpt_path", "{tmp}/no.ckpt"], r"FileNotFoundError: --ckpt_path .*no.ckpt does not exist"),
-    (["--ckpt_path", "{config}"], r"ValueError: --ckpt_path .*fit.yaml is not a checkpoint torch "
-                                  r"can read"),
+     r"UserError: unknown timm backbone 'vit_tiny_patch16_2244'"),
+    (["--ckpt_path", "{tmp}/no.ckpt"], r"MissingFileError: checkpoint .*no.ckpt does not exist"),
+    (["--ckpt_path", "{config}"], r"UserError: checkpoint .*fit.yaml is not a file torch can "
+                                  r"read"),
+    (["--model.warmup_lr", "0.1"], r"UserError: warmup_lr must be in \(0, lr=0.01\]"),
 ])
 def test_user_errors_print_one_line(run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     capsys: pytest.CaptureFixture, args: list, message: str
@@ -356,12 +360,12 @@ def test_debug_variable_shows_the_traceback(run: dict, tmp_path: Path) -> None:
     quiet = subprocess.run(command, env=ENV, cwd=tmp_path, capture_output=True, text=True,
                            timeout=240)
     assert quiet.returncode == 2 and "Traceback" not in quiet.stderr
-    assert "wegeft-vision: error: ValueError: batch_size must be a positive int, got 0\n" \
+    assert "wegeft-vision: error: UserError: batch_size must be a positive int, got 0\n" \
            "(set WEGEFT_DEBUG=1 for the traceback)" in quiet.stderr
     debug = subprocess.run(command, env={**ENV, "WEGEFT_DEBUG": "1"}, cwd=tmp_path,
                            capture_output=True, text=True, timeout=240)
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
-    assert "ValueError: batch_size must be a positive int, got 0" in debug.stderr
+    assert "UserError: batch_size must be a positive int, got 0" in debug.stderr
 
 
 def test_offline_pretrained_fails_fast_and_names_weights_path(tmp_path: Path) -> None:
@@ -374,7 +378,8 @@ def test_offline_pretrained_fails_fast_and_names_weights_path(tmp_path: Path) ->
             try:
                 create_backbone("vit_tiny_patch16_224.augreg_in21k", 3, pretrained=True)
             except Exception as err:
-                print(f"{time.perf_counter() - start:.2f}", type(err).__name__, err)
+                print(f"{time.perf_counter() - start:.2f}", isinstance(err, ConnectionError),
+                      type(err).__name__, err)
     """)
     env = {k: v for k, v in ENV.items() if "proxy" not in k.lower()}
     env.update(HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"))
@@ -383,8 +388,9 @@ def test_offline_pretrained_fails_fast_and_names_weights_path(tmp_path: Path) ->
     lines = result.stdout.splitlines()
     assert len(lines) == 2, result.stdout + result.stderr[-3000:]
     for line, reason in zip(lines, ("HF_HUB_OFFLINE is set", "127.0.0.1:9 cannot be reached")):
-        seconds, kind, text = line.split(" ", 2)
-        assert float(seconds) < 10 and kind == "ConnectionError", line
+        seconds, connection, kind, text = line.split(" ", 3)
+        assert float(seconds) < 10 and connection == "True", line
+        assert kind == "WeightsUnreachableError", line  # a UserError: one line from the CLI
         assert "'vit_tiny_patch16_224.augreg_in21k' are not in the local cache" in text
         assert reason in text and "--model.weights_path" in text
 
@@ -401,3 +407,118 @@ def test_tensorboard_logger_writes_events(run: dict, tmp_path: Path) -> None:
     [logged] = accumulator.Scalars("val/acc")
     assert logged.value == pytest.approx(float(cli.trainer.callback_metrics["val/acc"]))
     assert str(tmp_path) in cli.trainer.log_dir
+
+
+# A run folder holds one run.
+def folder_files(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_second_fit_into_a_used_run_folder_is_refused_and_a_resume_continues(
+        run: dict, tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    args = ["fit", "--config", str(run["config"]), "--trainer.logger", "false",
+            "--trainer.default_root_dir", str(folder), "--trainer.max_epochs", "1"]
+    cli_main(args)
+    first = folder_files(folder)
+    assert {p.relative_to(folder).as_posix() for p in first} == {"config.yaml",
+                                                                  "checkpoints/last.ckpt"}
+    with pytest.raises(RunFolderInUseError, match=rf"run folder {re.escape(str(folder))} already "
+                                                  r"holds another run \(.*config.yaml"):
+        cli_main([*args, "--model.lr", "0.02"])
+    assert folder_files(folder) == first  # nothing of the first run changed
+    # Its checkpoints folder alone (another ModelCheckpoint, a deleted config) is a run too.
+    (folder / "config.yaml").unlink()
+    with pytest.raises(RunFolderInUseError, match=r"checkpoints/last.ckpt"):
+        cli_main(args)
+    (folder / "config.yaml").write_bytes(first[folder / "config.yaml"])
+
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    resumed = cli_main([*args, "--ckpt_path", str(ckpt)])  # the run continues in its folder
+    assert resumed.trainer.current_epoch == 1
+    assert (folder / "config.yaml").read_bytes() == first[folder / "config.yaml"]
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["last.ckpt"]
+
+
+# Settings that disagree, named before the work starts.
+def test_image_size_other_than_the_backbones_names_both_settings(
+        run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(sys, "argv", ["wegeft-vision", "fit", "--config", str(run["config"]),
+                                      "--data.init_args.image_size", "48",
+                                      "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    monkeypatch.delenv("WEGEFT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert ("wegeft-vision: error: UserError: the data's image size 48x48 (VTAB1kDataModule, "
+            "--data.init_args.image_size) differs from the backbone's input size 32x32 "
+            "(--model.backbone_kwargs img_size=32): set them equal\n") in capsys.readouterr().err
+    assert not list(tmp_path.glob("**/*.ckpt"))
+
+
+@pytest.mark.parametrize("subcommand", ["test", "predict"])
+def test_other_normalisation_than_the_checkpoints_is_refused(run: dict, tmp_path: Path,
+                                                             subcommand: str) -> None:
+    args = [subcommand, "--config", str(run["config"]), "--ckpt_path", str(run["ckpt"]),
+            "--trainer.logger.init_args.save_dir", str(tmp_path),
+            "--data.init_args.mean", "[0, 0, 0]", "--data.init_args.std", "[1, 1, 1]"]
+    with pytest.raises(UserError, match=r"checkpoint .*last.ckpt was evaluated with other "
+                                        r"preprocessing than VTAB1kDataModule gives \(checkpoint "
+                                        r"-> data\): mean \[0.5, 0.5, 0.5\] -> \[0.0, 0.0, 0.0\]; "
+                                        r"std \[0.5, 0.5, 0.5\] -> \[1.0, 1.0, 1.0\]"):
+        cli_main(args)
+    cli = cli_main([*args, "--model.allow_other_preprocessing", "true"])
+    assert cli.trainer.state.finished
+    # The opt-out is this command's, not the checkpoint's: it is not stored.
+    assert "allow_other_preprocessing" not in torch.load(
+        run["ckpt"], weights_only=True)["hyper_parameters"]
+
+
+def test_a_diverging_fit_stops_naming_the_step(run: dict, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(sys, "argv", ["wegeft-vision", "fit", "--config", str(run["config"]),
+                                      "--model.lr", "1e6", "--trainer.max_epochs", "10",
+                                      "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    monkeypatch.delenv("WEGEFT_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    [line] = [x for x in capsys.readouterr().err.splitlines()
+              if x.startswith("wegeft-vision: error:")]
+    found = re.search(r"UserError: the training loss became (nan|inf) at global step (\d+) "
+                      r"\(epoch (\d+), batch (\d+); counted from 0\): training diverged\. Lower "
+                      r"--model.lr \(now 1000000.0\)", line)
+    assert found, line
+    # Every step before it logged a finite loss (log_every_n_steps is 1 in the config).
+    [metrics_file] = tmp_path.glob("toy/version_*/metrics.csv")
+    with open(metrics_file) as handle:
+        losses = [float(r["train/loss_step"]) for r in csv.DictReader(handle)
+                  if r.get("train/loss_step")]
+    step = int(found.group(2))
+    assert len(losses) == step and all(math.isfinite(x) for x in losses)
+    assert step == 3 * int(found.group(3)) + int(found.group(4))  # 3 steps per epoch
+
+
+# Subcommands beside Lightning's.
+def test_protocol_sweep_and_summarize_run_the_protocols_commands(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import wegeft_vision.protocols as protocols
+    seen = {}
+    commands = types.ModuleType("wegeft_vision.protocols.commands")
+    for name in ("protocol", "sweep", "summarize"):
+        setattr(commands, f"{name}_command", lambda argv, name=name: seen.update({name: argv}))
+    monkeypatch.setitem(sys.modules, "wegeft_vision.protocols.commands", commands)
+    monkeypatch.setattr(protocols, "commands", commands, raising=False)
+    for name in ("protocol", "sweep", "summarize"):
+        assert cli_main([name, "--out", "results", "-c", "x.yaml"]) is None
+    assert seen == {name: ["--out", "results", "-c", "x.yaml"]
+                    for name in ("protocol", "sweep", "summarize")}
+
+
+def test_checkpoint_of_the_cli_names_no_code_to_import(run: dict) -> None:
+    """Lightning's _instantiator would make load_from_checkpoint import the module it names."""
+    hparams = torch.load(run["ckpt"], weights_only=True)["hyper_parameters"]
+    assert not [k for k in hparams if k.startswith("_")]
+    assert hparams["adapter"]["class_path"] == "wegeft_vision.adapters.wegeft.WeGeFTConfig"

@@ -338,16 +338,10 @@ def test_overwrite_keeps_the_old_export_until_the_new_one_is_complete(
 
 
 # 5. Arguments.
-def test_deprecated_checkpoint_path_still_names_the_backbone_weights(run: dict,
-                                                                     tmp_path: Path) -> None:
+def test_weights_path_names_the_moved_backbone_weights(run: dict, tmp_path: Path) -> None:
     moved = shutil.copyfile(run["weights"], tmp_path / "moved.safetensors")
-    with pytest.warns(FutureWarning, match=r"checkpoint_path=\.\.\.\) is deprecated: use "
-                                           r"weights_path"):
-        export_checkpoint(run["ckpt"], tmp_path / "a", checkpoint_path=str(moved))
+    export_checkpoint(run["ckpt"], tmp_path / "a")
     export_checkpoint(run["ckpt"], tmp_path / "b", weights_path=str(moved))
-    with pytest.raises(ValueError, match="weights_path only, not also as the deprecated"):
-        export_checkpoint(run["ckpt"], tmp_path / "c", weights_path=str(moved),
-                          checkpoint_path=str(moved))
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
         tmp_path / "b" / "model.safetensors").read_bytes()
     missing = tmp_path / "gone.safetensors"

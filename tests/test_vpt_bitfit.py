@@ -1,4 +1,4 @@
-"""VPT and BitFit, the paper's baselines (REFERENCE.md 9), on tiny float64 ViTs.
+"""VPT and BitFit, the paper's baselines (VPT: Jia et al., ECCV 2022; BitFit: Ben Zaken et al., ACL 2022), on tiny float64 ViTs.
 
 BitFit trains timm's own biases: identity at start, merge = the plain model. VPT puts learned
 tokens into the sequence: not the identity at start; VPT-deep cannot merge; VPT-shallow merges
@@ -27,7 +27,7 @@ from wegeft_vision.adapters.targets import head_parameter_names
 from wegeft_vision.adapters.vpt import PromptedBlock
 from wegeft_vision.cli import cli_main
 from wegeft_vision.errors import UserError
-from wegeft_vision.protocols.grid import BASELINE_GRIDS, parse_grid
+from wegeft_vision.protocols.grid import BASELINE_GRIDS
 from wegeft_vision.training import ViTClassifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,8 +139,10 @@ def test_method_configs_are_the_authors_baselines(name: str, config: AdapterConf
     if name == "vpt_shallow":
         return
     lines = [line for line in path.read_text().splitlines() if "--grid" in line]
-    grids = {line.split(":")[0].strip("# "): parse_grid([line.split("--grid")[1].strip()])
+    grids = {line.split(":")[0].strip("# "): yaml.safe_load(line.split("--grid")[1].strip()[1:-1])
              for line in lines}
+    # YAML 1.1 reads 5e-4 as a string; the protocol's parser reads it as the number.
+    grids = {b: {k: [float(v) for v in vs] for k, vs in g.items()} for b, g in grids.items()}
     assert grids == {"VTAB-1k": BASELINE_GRIDS["vtab"], "FGVC": BASELINE_GRIDS["fgvc"]}
 
 

@@ -1,53 +1,60 @@
-"""The ``wegeft-vision`` command: Lightning's fit / validate / test / predict, plus ``export``.
+"""The ``wegeft-vision`` command: Lightning's fit / validate / test / predict, plus ``export``,
+``protocol``, ``sweep`` and ``summarize``.
 
 Configs compose with repeated ``--config`` (later files win); see configs/ and README.md.
 The number of classes flows from the datamodule to the model, the backbone name from the
-model to the datamodule (for its timm normalisation).
+model to the datamodule (for its timm normalisation). The checks of a checkpoint against the
+model and data it is used with are the model's, on loading (training/checkpoint.py).
 """
 from __future__ import annotations
 
-import copy
-import inspect
 import os
 import sys
-import typing
-from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
+import lightning as L
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser, lazy_instance
+from jsonargparse import Namespace, auto_cli, lazy_instance, set_parsing_settings
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
+from .adapters import AdapterConfig
 from .data import ImageDataModule
+from .errors import UserError
 from .training import PAPER_BACKBONE, ViTClassifier, check_model_name
-from .training.module import CHECKPOINT_KEY, IDENTITY_HPARAMS
+from .training.checkpoint import (CHECKPOINT_KEY, SPECIAL_CKPT_PATHS, SaveRunConfig,
+                                  check_identity, read_checkpoint, stored_hparams)
 from .training.export import export_checkpoint
 from .training.predictions import PredictionWriter
 from .training.summary import RunSummary
 
 DESCRIPTION = ("Fine-tune timm ViTs with WeGeFT and baselines. Subcommands: fit, validate, test, "
-               "predict (Lightning), export (checkpoint -> merged plain-timm safetensors; "
-               "see `wegeft-vision export --help`), and the paper's protocols: protocol, sweep, "
-               "summarize (see `wegeft-vision protocol --help`).")
-
-
-INT_OR_FRACTION_ARGS = ("limit_train_batches", "limit_val_batches", "limit_test_batches",
-                        "limit_predict_batches", "overfit_batches", "val_check_interval")
-# With --ckpt_path, a --model.* value (command line or config) that differs from the
-# checkpoint's: paths and the frozen weights' source are honoured (the fingerprint check proves
-# they give the same backbone); what fixes the trained model's shape is refused; training
-# settings are refused for a resumed fit (the optimizer and schedule continue from the
-# checkpoint) and honoured by test/validate/predict, where they change nothing.
-HONOURED_OVERRIDES = ("weights_path", "checkpoint_path", "pretrained", "init_seed")
+               "predict (Lightning); export (checkpoint -> merged plain-timm safetensors); "
+               "protocol, sweep, summarize (the benchmark protocols); each has its --help.")
 DEBUG_ENV = "WEGEFT_DEBUG"
+# Lightning reads an int as a number of batches and a float as a fraction, and jsonargparse
+# tries a Union's types in order. Written flat: typing caches Optional[Union[int, float]] by
+# equality, so Trainer's own hint may be an equal Union[float, int, None] built first elsewhere,
+# and "--trainer.limit_val_batches 1" would then mean 100%.
+IntOrFraction = Union[int, float, None]
 
 
-def _int_first(hint: Any) -> Any:
-    """``hint`` with int tried before float (jsonargparse tries a Union's types in order)."""
-    args = typing.get_args(hint)
-    return Union[tuple(sorted(args, key=lambda t: t is not int))] if int in args else hint
+class Trainer(L.Trainer):
+    """Lightning's Trainer, its int-or-fraction arguments typed int-first for the parser."""
+
+    def __init__(self, *, limit_train_batches: IntOrFraction = None,
+                 limit_val_batches: IntOrFraction = None,
+                 limit_test_batches: IntOrFraction = None,
+                 limit_predict_batches: IntOrFraction = None,
+                 overfit_batches: Union[int, float] = 0.0,
+                 val_check_interval: IntOrFraction = None, **kwargs: Any) -> None:
+        super().__init__(limit_train_batches=limit_train_batches,
+                         limit_val_batches=limit_val_batches,
+                         limit_test_batches=limit_test_batches,
+                         limit_predict_batches=limit_predict_batches,
+                         overfit_batches=overfit_batches, val_check_interval=val_check_interval,
+                         **kwargs)
 
 
 class WeGeFTCLI(LightningCLI):
@@ -55,32 +62,15 @@ class WeGeFTCLI(LightningCLI):
 
     Adds a ``checkpoint`` group (a ModelCheckpoint writing ``<log dir>/checkpoints/last.ckpt``
     after every epoch, so an interrupted fit resumes with ``--ckpt_path`` on it and loses at most
-    one epoch) and ``--test_after_fit``.
+    one epoch) and ``--test_after_fit``. With ``--ckpt_path``, the checkpoint's hyper-parameters
+    are the defaults of ``--model.*``: what a config or the command line gives wins.
     """
 
-    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """LightningCLI's own, with the Trainer's int-or-fraction arguments typed int-first.
-
-        Lightning reads an int as a number of batches and a float as a fraction. The Trainer's
-        hint Optional[Union[int, float]] comes from typing's cache, where it may already be
-        Union[float, int, None] (equal, so shared) depending on what was imported first:
-        "--trainer.limit_val_batches 1" would then mean 100%.
-        """
-        parser.add_class_arguments(self.trainer_class, "trainer", fail_untyped=False,
-                                   instantiate=False, sub_configs=True,
-                                   skip=set(INT_OR_FRACTION_ARGS))
-        signature = inspect.signature(self.trainer_class.__init__).parameters
-        for name in INT_OR_FRACTION_ARGS:
-            parser.add_argument(f"--trainer.{name}", type=_int_first(signature[name].annotation),
-                                default=signature[name].default,
-                                help=f"Trainer({name}=...): an int counts batches, a float is a "
-                                     "fraction")
-        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items()
-                             if k != "callbacks"})
-        parser.add_lightning_class_args(self._model_class, "model",
-                                        subclass_mode=self.subclass_mode_model)
-        parser.add_lightning_class_args(self._datamodule_class, "data",
-                                        subclass_mode=self.subclass_mode_data)
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        # jsonargparse parses a dataclass as a fixed group of fields; subclasses of
+        # AdapterConfig let configs choose the method (class_path: wegeft_vision.LoRAConfig).
+        set_parsing_settings(subclasses_enabled=[AdapterConfig])
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.backbone", "data.init_args.backbone")
@@ -94,58 +84,40 @@ class WeGeFTCLI(LightningCLI):
                             help="after fit, test the final weights (the VTAB-1k protocol "
                                  "reports the last epoch); other subcommands ignore it, so one "
                                  "config serves them all")
-        # Every subcommand's parser gets the same model arguments: what counts as "not given".
-        self._model_defaults = parser.get_defaults().model
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        self._args = args
         super().parse_arguments(parser, args)
-        # LightningCLI next replaces the model arguments with a --ckpt_path's hyper-parameters;
-        # keep what the user gave, to honour or refuse it in before_instantiate_classes.
+
+    def _parse_ckpt_path(self) -> None:
+        """The --ckpt_path's hyper-parameters as the defaults of --model.*, under what was given
+        (Lightning's own puts them over it). The model refuses, on loading, what must agree;
+        the settings that fix its shape are checked here already, before building a model that
+        could not load the checkpoint (or its backbone weights)."""
         subcommand = self.config.get("subcommand")
-        self._given_model = copy.deepcopy(self.config[subcommand].model) if subcommand else None
-        self._ckpt_hparams = None
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path is not None and str(ckpt_path) not in ("last", "best", "hpc"):
-            self._ckpt_hparams = _read_checkpoint_hparams(Path(ckpt_path))
+        if ckpt_path is None or str(ckpt_path) in SPECIAL_CKPT_PATHS:
+            return
+        checkpoint = read_checkpoint(ckpt_path)
+        hparams = stored_hparams(checkpoint)
+        hparams.pop("num_classes", None)  # the data's, linked
+        parser = self._subcommand_parsers[subcommand]
+        unknown = sorted(k for k in hparams if f"model.{k}" not in parser.get_defaults())
+        if unknown:
+            raise UserError(f"checkpoint {ckpt_path} has model settings this version does not "
+                            f"know: {', '.join(unknown)}")
+        parser.set_defaults({f"model.{k}": v for k, v in hparams.items()})
+        super().parse_arguments(self.parser, self._args)
+        settings = self.config[subcommand].model.as_dict()
+        settings.pop("num_classes", None)
+        check_identity(checkpoint[CHECKPOINT_KEY]["identity"], settings, f"checkpoint {ckpt_path}")
 
     def before_instantiate_classes(self) -> None:
         model = self.config[self.subcommand].model if self.subcommand else self.config.model
-        if self._ckpt_hparams is not None:
-            self._reconcile_with_checkpoint(model)
         # The datamodule is built first (num_classes flows from it) and reads the backbone's
         # timm config: name a bad backbone here, plainly, before either is built.
-        check_model_name(model.backbone, needs_pretrained_tag=model.pretrained and not (
-            model.weights_path or model.get("checkpoint_path")))
-
-    def _reconcile_with_checkpoint(self, model: Any) -> None:
-        """Apply the user's --model.* values over the checkpoint's where that is sound
-        (HONOURED_OVERRIDES), and refuse the others with a message."""
-        given, ckpt_path = self._given_model, self.config[self.subcommand].ckpt_path
-        defaults = self._model_defaults
-        refused = []
-        for key in given.keys():
-            value = given[key]
-            if key == "num_classes" or value == model[key] or value == defaults.get(key) or (
-                    key in ("weights_path", "checkpoint_path") and value is not None
-                    and model[key] is not None
-                    and Path(value).expanduser().resolve() == Path(model[key]).resolve()):
-                continue
-            if key in HONOURED_OVERRIDES or (key not in IDENTITY_HPARAMS
-                                             and self.subcommand != "fit"):
-                model[key] = value
-                if key == "weights_path":  # the checkpoint may still hold the old name
-                    model["checkpoint_path"] = None
-                elif key == "checkpoint_path":
-                    model["weights_path"] = None
-            else:
-                refused.append(f"--model.{key}={_show(value)} (checkpoint: {_show(model[key])})")
-        if refused:
-            reason = ("these fix the trained model's shape" if self.subcommand != "fit" else
-                      "a resumed fit continues the checkpoint's model, optimizer and schedule; "
-                      "start a new fit (without --ckpt_path) to change them")
-            raise ValueError(f"checkpoint {ckpt_path} was trained with other settings than given "
-                             f"(command line or config): {'; '.join(refused)}. {reason}; remove "
-                             "or correct these values")
+        check_model_name(model.backbone,
+                         needs_pretrained_tag=model.pretrained and not model.weights_path)
 
     def before_fit(self) -> None:
         # A test after the fit reads the test split: check its files before training, not after.
@@ -179,65 +151,53 @@ class WeGeFTCLI(LightningCLI):
             print(text, flush=True)
 
 
-def _show(value: Any) -> str:
-    return repr(value.as_dict() if hasattr(value, "as_dict") else value)
+def export_command(argv: list[str]) -> None:
+    """``wegeft-vision export``: its arguments are export_checkpoint's, declared there."""
+    written = auto_cli(export_checkpoint, args=argv, as_positional=False,
+                       prog="wegeft-vision export",
+                       description="Merge a checkpoint's adapter into its backbone and write a "
+                                   "plain timm model (model.safetensors, config.json with the "
+                                   "run's preprocessing, a model card README.md), optionally "
+                                   "model.onnx, optionally pushed to the hub.")
+    # Only the export's own files: the folder may hold the user's others.
+    print(f"wrote {', '.join(p.name for p in written)} to {written[0].parent}", flush=True)
 
 
-def _read_checkpoint_hparams(path: Path) -> dict[str, Any]:
-    """A --ckpt_path's hyper-parameters, or an error naming the file and what is wrong with it."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--ckpt_path {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a file it cannot unpickle
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"--ckpt_path {path} is not a checkpoint torch can read: "
-                         f"{reason}") from err
-    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
-        raise ValueError(f"--ckpt_path {path} was not written by wegeft-vision fit "
-                         "(no wegeft_vision section)")
-    return checkpoint.get("hyper_parameters", {})
+def _protocol_command(name: str) -> Callable[[list[str]], Any]:
+    def command(argv: list[str]) -> Any:
+        from .protocols import commands  # the protocols import the training CLI: not at import
+        return getattr(commands, f"{name}_command")(argv)
+    return command
 
 
-def _export_main(args: list[str]) -> None:
-    parser = ArgumentParser(prog="wegeft-vision export",
-                            description="Merge a checkpoint's adapter into its backbone and write "
-                                        "a plain timm model (model.safetensors, config.json with "
-                                        "the run's preprocessing, a model card README.md), "
-                                        "optionally model.onnx, optionally pushed to the hub.")
-    parser.add_argument("-c", "--config", action=ActionConfigFile)
-    parser.add_function_arguments(export_checkpoint)
-    cfg = parser.parse_args(args)
-    cfg.pop("config", None)
-    written = export_checkpoint(**cfg.as_dict())  # only the export's files, not the folder's
-    print(f"wrote {', '.join(p.name for p in written)} to {written[0].parent}"
-          + (f"; pushed to the hub as {cfg.push_to_hub}" if cfg.push_to_hub else ""), flush=True)
+# Subcommands that are not Lightning's: the first word of the command line picks one.
+COMMANDS: dict[str, Callable[[list[str]], Any]] = {
+    "export": export_command, **{name: _protocol_command(name)
+                                 for name in ("protocol", "sweep", "summarize")}}
 
 
-def cli_main(args: Optional[Union[list[str], dict[str, Any]]] = None, run: bool = True,
-             cli_class: type[WeGeFTCLI] = WeGeFTCLI) -> Optional[WeGeFTCLI]:
-    """Run the command line on ``args`` (default: ``sys.argv[1:]``).
+def cli_main(args: Optional[Union[list[str], dict[str, Any], Namespace]] = None,
+             run: bool = True, cli_class: type[WeGeFTCLI] = WeGeFTCLI) -> Optional[WeGeFTCLI]:
+    """Run the command line on ``args`` (default: ``sys.argv[1:]``; a dict of settings works
+    too, as for LightningCLI).
 
     Returns the LightningCLI (``cli.trainer.callback_metrics`` holds the logged metrics), or
-    None for ``export``. ``cli_class``: a subclass of WeGeFTCLI (the protocols build runs with
-    their own, from settings rather than a command line).
+    None for ``export``, ``protocol``, ``sweep`` and ``summarize``. ``cli_class``: a subclass
+    of WeGeFTCLI.
     """
-    argv = sys.argv[1:] if args is None else list(args)
-    if run and argv[:1] == ["export"]:
-        _export_main(argv[1:])
-        return None
-    if run and argv[:1] in (["protocol"], ["sweep"], ["summarize"]):
-        from .protocols import commands  # it builds runs with this module: loaded when used
-        code = getattr(commands, f"{argv[0]}_command")(argv[1:])
+    argv = sys.argv[1:] if args is None else args
+    if run and isinstance(argv, list) and argv[:1] and argv[0] in COMMANDS:
+        code = COMMANDS[argv[0]](list(argv[1:]))
         if code:
             sys.exit(code)
         return None
     cli = cli_class(
         ViTClassifier, ImageDataModule, subclass_mode_data=True, args=args, run=run,
+        trainer_class=Trainer,
         trainer_defaults={"max_epochs": 100, "log_every_n_steps": 10,
                           "logger": lazy_instance(CSVLogger, save_dir="runs"),
                           "callbacks": [RunSummary(), PredictionWriter()]},
-        save_config_kwargs={"overwrite": True},
+        save_config_callback=SaveRunConfig,
         parser_kwargs={"description": DESCRIPTION},
     )
     _close_process_group()
@@ -253,18 +213,14 @@ def _close_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
-# What a user's input raises (a path, a name, a value); anything else is a bug worth a traceback.
-USER_ERRORS = (ValueError, OSError, KeyError, TypeError)
-
-
 def main() -> None:
-    """Console script entry point: a user error prints one line naming the culprit and exits
-    with status 2; WEGEFT_DEBUG=1 shows the full traceback instead."""
+    """Console script entry point: a user error (wegeft_vision.errors) prints one line naming
+    the culprit and exits with status 2; WEGEFT_DEBUG=1 shows the full traceback instead."""
     try:
         cli_main()
     except Exception as err:
-        cause = _root_cause(err)
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0") or not isinstance(cause, USER_ERRORS):
+        cause = _user_error(err)
+        if cause is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         message = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
         print(f"wegeft-vision: error: {type(cause).__name__}: {message}\n"
@@ -272,22 +228,12 @@ def main() -> None:
         sys.exit(2)
 
 
-def _root_cause(err: BaseException) -> BaseException:
-    """The error itself, not jsonargparse's wrappers around a class's own error (raised from
-    it, with "Does not validate against any of the Union subtypes" and the whole config)."""
-    while _raised_in(err, "jsonargparse"):
-        inner = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
-        if inner is None:
-            break
-        err = inner
+def _user_error(err: Optional[BaseException]) -> Optional[UserError]:
+    """The UserError ``err`` is or was raised from (jsonargparse re-raises a class's own error
+    from it, with the whole config in its message); None for anything else, a bug."""
+    while err is not None and not isinstance(err, UserError):
+        err = err.__cause__
     return err
-
-
-def _raised_in(err: BaseException, package: str) -> bool:
-    tb = err.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith(package)
 
 
 if __name__ == "__main__":

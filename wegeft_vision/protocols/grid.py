@@ -16,7 +16,7 @@ PAPER_GRID: Grid = {
     "model.weight_decay": [0.01, 1e-3, 1e-4, 0.0],
 }
 
-# The authors' grids for the VPT and BitFit baselines, per benchmark (REFERENCE.md 9; gift
+# The authors' grids for the VPT and BitFit baselines, per benchmark (savadikarc/gift
 # scripts/visual_classification/{vtab,fgvc}/tune_*_{vpt,bitfit}.sh): the learning rate only,
 # weight decay 0 (configs/methods/{vpt,vpt_shallow,bitfit}.yaml).
 BASELINE_GRIDS: dict[str, Grid] = {

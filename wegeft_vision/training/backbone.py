@@ -18,8 +18,13 @@ import torch
 from torch import nn
 
 from ..adapters.targets import head_parameter_names
+from ..errors import MissingFileError, UserError
 
 WEIGHT_SUFFIXES: tuple[str, ...] = (".npz", ".safetensors", ".pth", ".pt", ".bin")
+
+
+class WeightsUnreachableError(UserError, ConnectionError):
+    """timm's pretrained weights are neither cached nor downloadable here."""
 
 
 def _close_names(name: str, candidates: Iterable[str], n: int = 5) -> str:
@@ -28,26 +33,26 @@ def _close_names(name: str, candidates: Iterable[str], n: int = 5) -> str:
 
 
 def check_model_name(name: str, needs_pretrained_tag: bool) -> None:
-    """Raise ValueError for a name timm does not know, or a pretrained tag it has no weights for."""
+    """Raise UserError for a name timm does not know, or a pretrained tag it has no weights for."""
     if not isinstance(name, str) or not name:
-        raise ValueError(f"backbone must be a timm model name, got {name!r}")
+        raise UserError(f"backbone must be a timm model name, got {name!r}")
     if not timm.is_model(name):
-        raise ValueError(f"unknown timm backbone {name!r}"
-                         f"{_close_names(name, timm.list_models() + timm.list_pretrained())}")
+        raise UserError(f"unknown timm backbone {name!r}"
+                        f"{_close_names(name, timm.list_models() + timm.list_pretrained())}")
     if needs_pretrained_tag and "." in name and name not in timm.list_pretrained():
         arch = name.split(".", 1)[0]
-        raise ValueError(f"timm has no pretrained weights {name!r}"
-                         f"{_close_names(name, timm.list_pretrained(arch + '*'))}")
+        raise UserError(f"timm has no pretrained weights {name!r}"
+                        f"{_close_names(name, timm.list_pretrained(arch + '*'))}")
 
 
 def check_weights_file(path: Union[str, Path]) -> Path:
-    """The weights file as a Path, or FileNotFoundError/ValueError naming what is wrong."""
+    """The weights file as a Path, or MissingFileError/UserError naming what is wrong."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"weights_path {path} does not exist")
+        raise MissingFileError(f"weights_path {path} does not exist")
     if path.suffix not in WEIGHT_SUFFIXES:
-        raise ValueError(f"weights_path {path} has suffix {path.suffix!r}; expected one of "
-                         f"{', '.join(WEIGHT_SUFFIXES)}")
+        raise UserError(f"weights_path {path} has suffix {path.suffix!r}; expected one of "
+                        f"{', '.join(WEIGHT_SUFFIXES)}")
     return path
 
 
@@ -81,8 +86,8 @@ def check_hub_reachable(name: str, timeout: float = 3.0) -> None:
               "--model.weights_path (ViTClassifier(weights_path=...)), or set pretrained false "
               "for a random backbone")
     if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        raise ConnectionError(f"timm's pretrained weights for {name!r} are not in the local "
-                              f"cache and HF_HUB_OFFLINE is set: {advice}")
+        raise WeightsUnreachableError(f"timm's pretrained weights for {name!r} are not in the "
+                                      f"local cache and HF_HUB_OFFLINE is set: {advice}")
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return  # only a download through the proxy can tell
     url = (os.environ.get("HF_ENDPOINT", "https://huggingface.co") if cfg.hf_hub_id
@@ -94,9 +99,9 @@ def check_hub_reachable(name: str, timeout: float = 3.0) -> None:
         socket.create_connection((host.hostname, host.port or (443 if host.scheme == "https"
                                                                  else 80)), timeout).close()
     except OSError as err:
-        raise ConnectionError(f"timm's pretrained weights for {name!r} are not in the local "
-                              f"cache and {host.netloc} cannot be reached ({err}): "
-                              f"{advice}") from err
+        raise WeightsUnreachableError(f"timm's pretrained weights for {name!r} are not in the "
+                                      f"local cache and {host.netloc} cannot be reached ({err}): "
+                                      f"{advice}") from err
 
 
 def create_backbone(name: str, num_classes: int, *, pretrained: bool = True,
@@ -120,7 +125,7 @@ def create_backbone(name: str, num_classes: int, *, pretrained: bool = True,
         backbone_kwargs: further ``timm.create_model`` arguments (``img_size``, ``depth``, ...).
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        raise UserError(f"num_classes must be a positive int, got {num_classes!r}")
     kwargs = dict(backbone_kwargs or {})
     path = None if weights_path is None else check_weights_file(weights_path)
     from_hub = pretrained and path is None
@@ -136,12 +141,13 @@ def create_backbone(name: str, num_classes: int, *, pretrained: bool = True,
                                       num_classes=num_classes, drop_path_rate=drop_path_rate,
                                       pretrained_cfg_overlay=overlay, **kwargs)
     except TypeError as err:
-        raise ValueError(f"backbone_kwargs {kwargs} do not fit timm model {name!r}: {err}") from err
+        raise UserError(f"backbone_kwargs {kwargs} do not fit timm model {name!r}: "
+                        f"{err}") from err
     except (RuntimeError, KeyError) as err:
         if overlay is None:
             raise
-        raise ValueError(f"weights {path} do not fit timm model {name!r} created with {kwargs}: "
-                         f"{err!r}") from err
+        raise UserError(f"weights {path} do not fit timm model {name!r} created with {kwargs}: "
+                        f"{err!r}") from err
     if path is not None and overlay is None:
         _load_weights_file(model, path, f"timm model {name!r} created with {kwargs}")
     return model
@@ -162,11 +168,11 @@ def _load_weights_file(model: nn.Module, path: Path, what: str) -> None:
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as err:
-        raise ValueError(f"weights {path} do not fit {what}: {err}") from err
+        raise UserError(f"weights {path} do not fit {what}: {err}") from err
     missing = [k for k in result.missing_keys if k not in head]
     if missing or result.unexpected_keys:
-        raise ValueError(f"weights {path} do not fit {what}: missing {_some(missing)}, "
-                         f"unexpected {_some(result.unexpected_keys)}")
+        raise UserError(f"weights {path} do not fit {what}: missing {_some(missing)}, "
+                        f"unexpected {_some(result.unexpected_keys)}")
 
 
 def _some(keys: list[str], n: int = 6) -> str:

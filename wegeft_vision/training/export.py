@@ -83,8 +83,7 @@ def export_checkpoint(ckpt_path: Union[str, Path], output_dir: Union[str, Path],
                       format: Literal["safetensors", "onnx"] = "safetensors",
                       license: Optional[str] = None, push_to_hub: Optional[str] = None,
                       private: Optional[bool] = None, revision: Optional[str] = None,
-                      overwrite: bool = False, checkpoint_path: Optional[str] = None
-                      ) -> list[Path]:
+                      overwrite: bool = False) -> list[Path]:
     """Merge a checkpoint's adapter into its backbone and write a plain timm model.
 
     Args:
@@ -102,19 +101,11 @@ def export_checkpoint(ckpt_path: Union[str, Path], output_dir: Union[str, Path],
         overwrite: replace an earlier export in ``output_dir``. The new export is written
             beside it first and swapped in only once complete: a failure or a kill before the
             swap leaves the earlier export as it was. Other files in the folder are kept.
-        checkpoint_path: deprecated name of ``weights_path``.
 
     Returns:
         The paths of the files the export wrote (``model.safetensors`` first), all in
         ``output_dir``.
     """
-    if checkpoint_path is not None:
-        warnings.warn("export_checkpoint(checkpoint_path=...) is deprecated: use weights_path "
-                      "(--weights_path)", FutureWarning, stacklevel=2)
-        if weights_path is not None:
-            raise ValueError("give the backbone weights as weights_path only, not also as the "
-                             "deprecated checkpoint_path")
-        weights_path = checkpoint_path
     if save_for_hf is None:
         raise ImportError(f"export needs timm >= 1.0.16 (timm.models.save_for_hf, "
                           f"\"local-dir:\" loading); this is timm {timm.__version__}")

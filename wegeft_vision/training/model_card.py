@@ -52,7 +52,7 @@ def run_accuracy(metrics_csv: Path, global_step: int) -> dict[str, float]:
 def _base_model(hparams: Any) -> Optional[str]:
     """The backbone's hub id when its weights came from timm; a local weights file may hold
     anything."""
-    if not hparams.pretrained or hparams.get("weights_path") or hparams.get("checkpoint_path"):
+    if not hparams.pretrained or hparams.get("weights_path"):
         return None
     cfg = timm.models.get_pretrained_cfg(hparams.backbone)
     return None if cfg is None else cfg.hf_hub_id

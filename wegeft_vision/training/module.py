@@ -1,42 +1,32 @@
 """``ViTClassifier``: a timm ViT with an adapter, trained as a LightningModule.
 
-Checkpoints are slim: they hold the trainable tensors (adapter and head) and what rebuilds the
-rest: the hyper-parameters name the backbone and its weights, and a fingerprint of the frozen
-weights proves on loading that the re-created backbone is the one the adapter was trained on.
+Checkpoints are slim (the trainable tensors and what rebuilds the rest); what they hold and the
+checks on loading them are in :mod:`wegeft_vision.training.checkpoint`.
 """
 from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from jsonargparse import set_parsing_settings
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from ..adapters import (AdapterConfig, FullFinetuneConfig, WeGeFTConfig, apply_adapter,
-                        count_parameters, frozen_fingerprint, trainable_parameter_names)
+from ..adapters import (AdapterConfig, WeGeFTConfig, apply_adapter, count_parameters,
+                        frozen_fingerprint, trainable_parameter_names)
 from ..adapters.model import ParameterCount
 from ..errors import UserError
+from . import checkpoint as slim_checkpoint
 from .backbone import create_backbone
+from .checkpoint import MODEL_PREFIX
 from .optim import build_adamw, warmup_cosine
 from .reproducible import EpochSeeds
 
 PAPER_BACKBONE = "vit_base_patch16_224.augreg_in21k"
-CHECKPOINT_KEY = "wegeft_vision"
-CHECKPOINT_FORMAT = "wegeft_vision.checkpoint/1"
-MODEL_PREFIX = "model."
-# jsonargparse parses a dataclass as a fixed group of fields; enabling subclasses of
-# AdapterConfig lets configs choose the method (class_path: wegeft_vision.LoRAConfig) and lets
-# LightningCLI and load_from_checkpoint read the class_path form stored in checkpoints.
-set_parsing_settings(subclasses_enabled=[AdapterConfig])
-# Hyper-parameters that must agree between a checkpoint and the model it is loaded into.
-IDENTITY_HPARAMS: tuple[str, ...] = ("backbone", "num_classes", "backbone_kwargs", "adapter")
 
 
 def compile_options(compile: bool, kwargs: Optional[dict[str, Any]]
@@ -52,23 +42,6 @@ def compile_options(compile: bool, kwargs: Optional[dict[str, Any]]
         raise UserError(f"compile_kwargs: {', '.join(unknown)} is not a torch.compile option "
                         f"(it takes {', '.join(known)})")
     return dict(kwargs or {})
-
-
-def eval_data_config(datamodule: Any) -> Optional[dict[str, Any]]:
-    """What timm's eval transform needs to reproduce the datamodule's evaluation tensors: its
-    ``eval_data_config()``, else its ``data_config`` in timm's form; None without a datamodule."""
-    if callable(getattr(datamodule, "eval_data_config", None)):
-        return datamodule.eval_data_config()
-    return timm_data_config(getattr(datamodule, "data_config", None))
-
-
-def timm_data_config(config: Any) -> Optional[dict[str, Any]]:
-    """A datamodule's ``DataConfig`` (input_size (H, W), mean, std, interpolation) in timm's
-    form, with input_size (C, H, W); None passes through."""
-    if config is None:
-        return None
-    return {"input_size": [3, *config.input_size], "mean": list(config.mean),
-            "std": list(config.std), "interpolation": config.interpolation}
 
 
 class ViTClassifier(L.LightningModule):
@@ -97,14 +70,15 @@ class ViTClassifier(L.LightningModule):
             length. A fit stopped earlier (``trainer.max_epochs`` below it) trains the first
             epochs of the longer schedule, as the paper's hyper-parameter search does (the
             100-epoch schedule stopped after epoch 50), so its lr is still high at the end.
-        checkpoint_path: deprecated name of ``weights_path`` (it shadowed the first argument of
-            ``load_from_checkpoint``); old checkpoints that store it still load.
         compile: compile the backbone with ``torch.compile`` for training and evaluation, in
             place (``nn.Module.compile``: state-dict keys, checkpoints, resume and export are
             those of the uncompiled model). The first training step and the first evaluation
             step each pay the compilation (docs/performance.md).
         compile_kwargs: ``torch.compile`` options, e.g. ``{"mode": "max-autotune"}`` or
             ``{"backend": "aot_eager"}``.
+        allow_other_preprocessing: evaluate or resume a checkpoint on data preprocessed
+            otherwise (image size, crop, mean, std) than the run evaluated with, which is
+            refused by default. Not a hyper-parameter: a checkpoint never carries it.
     """
 
     def __init__(self, backbone: str, num_classes: int,
@@ -113,20 +87,12 @@ class ViTClassifier(L.LightningModule):
                  backbone_kwargs: Optional[dict[str, Any]] = None, drop_path_rate: float = 0.1,
                  label_smoothing: float = 0.0, lr: float = 1e-3, weight_decay: float = 1e-4,
                  warmup_epochs: float = 10.0, warmup_lr: float = 1e-7, min_lr: float = 1e-6,
-                 init_seed: int = 0, checkpoint_path: Optional[str] = None,
-                 schedule_epochs: Optional[int] = None, compile: bool = False,
-                 compile_kwargs: Optional[dict[str, Any]] = None) -> None:
+                 init_seed: int = 0, schedule_epochs: Optional[int] = None,
+                 compile: bool = False, compile_kwargs: Optional[dict[str, Any]] = None,
+                 allow_other_preprocessing: bool = False) -> None:
         super().__init__()
         self._compile_options = compile_options(compile, compile_kwargs)
         self._compiled = False
-        if checkpoint_path is not None:
-            warnings.warn("ViTClassifier(checkpoint_path=...) is deprecated: the backbone weights "
-                          "file is now weights_path (--model.weights_path)", FutureWarning,
-                          stacklevel=2)
-            if weights_path is not None and weights_path != checkpoint_path:
-                raise ValueError(f"give the backbone weights once: weights_path={weights_path!r} "
-                                 f"and the deprecated checkpoint_path={checkpoint_path!r} differ")
-            weights_path = checkpoint_path
         if weights_path is not None:
             weights_path = str(Path(weights_path).expanduser().resolve())
         self.adapter_config = AdapterConfig.from_dict(adapter)
@@ -136,24 +102,25 @@ class ViTClassifier(L.LightningModule):
                             ("weight_decay", weight_decay), ("warmup_epochs", warmup_epochs),
                             ("drop_path_rate", drop_path_rate)):
             if not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+                raise UserError(f"{name} must be >= 0, got {value}")
         if lr <= 0:
-            raise ValueError(f"lr must be positive, got {lr}")
+            raise UserError(f"lr must be positive, got {lr}")
         if warmup_epochs > 0 and not 0 < warmup_lr <= lr:
-            raise ValueError(f"warmup_lr must be in (0, lr={lr}] for a warm-up, got {warmup_lr}")
+            raise UserError(f"warmup_lr must be in (0, lr={lr}] for a warm-up, got {warmup_lr}")
         if schedule_epochs is not None and (isinstance(schedule_epochs, bool)
                                             or not isinstance(schedule_epochs, int)
                                             or schedule_epochs <= 0):
             raise UserError(f"schedule_epochs must be a positive int or None, got "
                             f"{schedule_epochs!r}")
         if not 0 <= label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.save_hyperparameters(ignore=["checkpoint_path"])
-        # Under LightningCLI, hparams are the parsed config rather than these locals: store the
-        # resolved path, drop the deprecated name, and keep num_classes (a link target, which
-        # Lightning 2.4 leaves out).
-        self.hparams.pop("checkpoint_path", None)
-        self.hparams.update(weights_path=weights_path, num_classes=num_classes)
+            raise UserError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.save_hyperparameters(ignore=["allow_other_preprocessing"])
+        # Under LightningCLI, hparams are the parsed config: store the resolved path and the
+        # registered adapter class, keep num_classes (a link target), and drop Lightning's
+        # _instantiator, a module load_from_checkpoint would import (checkpoints name no code).
+        self.hparams.pop("_instantiator", None)
+        self.hparams.update(weights_path=weights_path, num_classes=num_classes, adapter=adapter)
+        self.allow_other_preprocessing = allow_other_preprocessing
         self.model = create_backbone(backbone, num_classes, pretrained=pretrained,
                                      weights_path=weights_path,
                                      drop_path_rate=drop_path_rate, init_seed=init_seed,
@@ -166,20 +133,23 @@ class ViTClassifier(L.LightningModule):
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         # Taken now, from the weights as loaded: Lightning may later cast them to the run's
         # precision (bf16-true, 16-true, 64-true), and a checkpoint must load in any precision.
-        self._frozen_fingerprint = self._fingerprint_frozen()
+        self._frozen_fingerprint = frozen_fingerprint(self.model)
         self.checkpoint_info: Optional[dict[str, Any]] = None  # what on_load_checkpoint read
 
-    def _eval_metrics(self, stage: str) -> MetricCollection:
-        metrics = {"acc": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
-        if self.num_classes > 5:
-            metrics["acc_top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")
-        return MetricCollection(metrics, prefix=f"{stage}/")
+    def setup(self, stage: str) -> None:
+        check_input_size(self, self.trainer.datamodule)
 
     def configure_model(self) -> None:
         # Lightning calls this for every fit, validate, test and predict: compile once.
         if self._compile_options is not None and not self._compiled:
             self.model.compile(**self._compile_options)
             self._compiled = True
+
+    def _eval_metrics(self, stage: str) -> MetricCollection:
+        metrics = {"acc": MulticlassAccuracy(self.num_classes, top_k=1, average="micro")}
+        if self.num_classes > 5:
+            metrics["acc_top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")
+        return MetricCollection(metrics, prefix=f"{stage}/")
 
     # Model.
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -198,6 +168,12 @@ class ViTClassifier(L.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        # Every process decides together: one raising alone would leave the others waiting.
+        if not self.trainer.strategy.reduce_boolean_decision(bool(loss.isfinite()), all=True):
+            raise UserError(f"the training loss became {loss.item()} at global step "
+                            f"{self.global_step} (epoch {self.current_epoch}, batch {batch_idx}; "
+                            f"counted from 0): training diverged. Lower --model.lr (now "
+                            f"{self.hparams.lr}) or the warm-up's, or check the data")
         self.train_acc(logits, labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True,
                  batch_size=len(labels), sync_dist=True)
@@ -239,7 +215,7 @@ class ViTClassifier(L.LightningModule):
             trainer.fit_loop.setup_data()  # a max_steps estimate skips loading the data
         batches = trainer.num_training_batches
         if not (math.isfinite(total_steps) and math.isfinite(batches)) or total_steps <= 0:
-            raise ValueError("the warm-up/cosine schedule needs a finite number of training "
+            raise UserError("the warm-up/cosine schedule needs a finite number of training "
                              "steps: set trainer.max_epochs or trainer.max_steps, and train on a "
                              f"dataset with a length (got {batches} batches per epoch)")
         total_steps = int(total_steps)
@@ -255,7 +231,7 @@ class ViTClassifier(L.LightningModule):
         saved = (self.checkpoint_info or {}).get("schedule")
         if trainer.ckpt_path and saved and saved != self.schedule:
             # The restored scheduler state would run the checkpoint's schedule past its end.
-            raise ValueError(f"checkpoint {trainer.ckpt_path} was trained with a schedule of "
+            raise UserError(f"checkpoint {trainer.ckpt_path} was trained with a schedule of "
                              f"{saved['total_steps']} steps ({saved['warmup_steps']} warm-up), "
                              f"this fit has {total_steps} ({warmup_steps} warm-up): resume with "
                              "the trainer.max_epochs / max_steps, batch size and data the run "
@@ -265,7 +241,7 @@ class ViTClassifier(L.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # Slim checkpoints.
+    # Slim checkpoints (training/checkpoint.py).
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], **overrides: Any) -> "ViTClassifier":
         """Rebuild a model from a checkpoint of this class, on the CPU, in eval mode.
@@ -274,101 +250,37 @@ class ViTClassifier(L.LightningModule):
         weights moved. Lightning's ``ViTClassifier.load_from_checkpoint(path, **overrides)`` works
         too; this one also rebuilds full fine-tuning checkpoints without the backbone weights.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        if CHECKPOINT_KEY not in checkpoint:
-            raise ValueError(f"checkpoint {path} was not written by wegeft_vision's ViTClassifier")
-        # Keys starting with "_" are LightningCLI's bookkeeping (_instantiator, _class_path).
-        hparams = {k: v for k, v in checkpoint["hyper_parameters"].items()
-                   if not k.startswith("_")}
-        if "checkpoint_path" in hparams:  # written before the rename to weights_path
-            hparams["weights_path"] = hparams.pop("checkpoint_path")
-        if isinstance(AdapterConfig.from_dict(hparams["adapter"]), FullFinetuneConfig):
-            # Every tensor is in the checkpoint: no need to fetch the pretrained weights.
-            hparams.update(pretrained=False, weights_path=None)
-        model = cls(**{**hparams, **overrides})
-        model.on_load_checkpoint(checkpoint, where=f"checkpoint {path}")
-        model.load_state_dict(checkpoint["state_dict"])
-        return model.eval()
+        return slim_checkpoint.load_module(cls, path, **overrides)
 
     def frozen_fingerprint(self) -> str:
         """Fingerprint of every tensor that does not train, as created (before any cast)."""
         return self._frozen_fingerprint
 
-    def _fingerprint_frozen(self) -> str:
-        return frozen_fingerprint(self.model)
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = set(self.trainable_names())
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if k in trainable}
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        checkpoint[CHECKPOINT_KEY] = {
-            "format": CHECKPOINT_FORMAT,
-            # Kept apart from hyper_parameters, which load_from_checkpoint(**overrides) edits.
-            "identity": {key: self.hparams[key] for key in IDENTITY_HPARAMS},
-            "frozen_fingerprint": self.frozen_fingerprint(),
-            "class_names": getattr(datamodule, "class_names", None),
-            "data_config": eval_data_config(datamodule),
-            "schedule": getattr(self, "schedule", None),
-        }
+        slim_checkpoint.slim(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any], where: Optional[str] = None) -> None:
-        if where is None:
-            where = f"checkpoint {self._trainer.ckpt_path}" if (
-                self._trainer is not None and self._trainer.ckpt_path) else "the checkpoint"
-        info = checkpoint.get(CHECKPOINT_KEY)
-        if not isinstance(info, dict) or info.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{where} was not written by wegeft_vision's ViTClassifier")
-        self.check_compatible(info["identity"], where)
-        if info["frozen_fingerprint"] != self.frozen_fingerprint():
-            hp = self.hparams
-            source = hp.weights_path or ("timm's pretrained weights" if hp.pretrained else
-                                            f"a random init with init_seed={hp.init_seed}")
-            raise ValueError(f"{where} was trained on other frozen weights than this model's "
-                             f"{hp.backbone} from {source}; load it with the backbone weights "
-                             "it was trained on")
-        self.check_class_names(info.get("class_names"), where)
-        self.checkpoint_info = info
-        # The frozen tensors come from the re-created backbone; strict loading still checks
-        # that the checkpoint holds every trainable tensor.
-        state = self.state_dict()
-        trainable = set(self.trainable_names())
-        checkpoint["state_dict"] = {**{k: v for k, v in state.items() if k not in trainable},
-                                    **checkpoint["state_dict"]}
-
-    def check_compatible(self, identity: dict[str, Any], where: str) -> None:
-        """Raise ValueError if a checkpoint's identity hyper-parameters differ from this model's."""
-        for key in IDENTITY_HPARAMS:
-            theirs, ours = identity.get(key), self.hparams.get(key)
-            if key == "adapter" and theirs is not None:
-                theirs, ours = AdapterConfig.from_dict(theirs), self.adapter_config
-            if key == "backbone_kwargs":
-                theirs, ours = theirs or {}, ours or {}
-            if theirs != ours:
-                raise ValueError(f"{where} was trained with {key}={theirs!r}, but this model has "
-                                 f"{key}={ours!r}")
-
-    def check_class_names(self, saved: Optional[list[str]], where: str) -> None:
-        """Raise ValueError if the trainer's datamodule names its classes otherwise than the
-        checkpoint: the head's outputs follow the order the model was trained on, so renamed or
-        reordered classes would be scored and named wrongly without an error."""
-        datamodule = self._trainer.datamodule if self._trainer is not None else None
-        current = getattr(datamodule, "class_names", None)
-        if saved is None or current is None or list(saved) == list(current):
-            return
-        changed = [f"{i}: {a!r} -> {b!r}" for i, (a, b) in enumerate(zip(saved, current))
-                   if a != b]
-        changed += [f"{i}: {a!r} -> none" for i, a in enumerate(saved[len(current):],
-                                                                 len(current))]
-        changed += [f"{i}: none -> {b!r}" for i, b in enumerate(current[len(saved):], len(saved))]
-        more = f" (+{len(changed) - 8} more)" if len(changed) > 8 else ""
-        raise ValueError(f"{where} was trained on other classes than {type(datamodule).__name__} "
-                         f"at {getattr(datamodule, 'root', '?')} names (index: checkpoint -> "
-                         f"data): {'; '.join(changed[:8])}{more}. Evaluate on data with the "
-                         "classes (folder names) the model was trained on")
+        self.checkpoint_info = slim_checkpoint.restore(self, checkpoint, where)
 
     def describe(self) -> str:
         return f"{self.hparams.backbone} + {self.adapter_config}: {self.parameter_count()}"
+
+
+def check_input_size(module: ViTClassifier, datamodule: Any) -> None:
+    """Refuse data of another image size than the backbone takes, naming both settings (timm
+    would stop at the first batch with a bare AssertionError)."""
+    embed = getattr(module.model, "patch_embed", None)
+    expected = getattr(embed, "img_size", None)
+    config = slim_checkpoint.eval_data_config(datamodule)
+    if (expected is None or config is None or getattr(embed, "dynamic_img_size", False)
+            or not getattr(embed, "strict_img_size", True)):
+        return
+    given = tuple(config["input_size"][1:])
+    if given != tuple(expected):
+        kwargs = module.hparams.backbone_kwargs or {}
+        source = (f"--model.backbone_kwargs img_size={kwargs['img_size']!r}"
+                  if "img_size" in kwargs else f"the default of {module.hparams.backbone}")
+        raise UserError(f"the data's image size {'x'.join(map(str, given))} "
+                        f"({type(datamodule).__name__}, --data.init_args.image_size) differs from "
+                        f"the backbone's input size {'x'.join(map(str, expected))} ({source}): "
+                        "set them equal")
