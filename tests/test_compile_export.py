@@ -163,7 +163,7 @@ def test_cli_fit_with_compile_keeps_checkpoints_resume_and_export(tmp_path: Path
         if name in saved["state_dict"]:
             assert torch.equal(tensor, saved["state_dict"][name]), name
 
-    exported = load_file(export_checkpoint(ckpt, tmp_path / "export"))
+    exported = load_file(export_checkpoint(ckpt, tmp_path / "export")[0])
     plain = timm.create_model(BACKBONE, pretrained=False, num_classes=NUM_CLASSES,
                               **BACKBONE_KWARGS)
     assert sorted(exported) == sorted(plain.state_dict())

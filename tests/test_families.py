@@ -1,11 +1,12 @@
-"""WeGeFT and LoRA on every timm ViT family we support, on small random models.
+"""WeGeFT, LoRA, DoRA and VeRA on every timm ViT family we support, on small random models.
 
 For each family, with the adapter on all four block projections ("all"): the adapted layers are
 exactly the blocks' projections; the model starts at its pretrained output and moves once the
 factors are non-zero; every adapter tensor gets a gradient; the merged model equals the adapted
 one (float64) and is a plain timm model whose only changed tensors are the adapted weights.
-EVA and BEiT attention read ``qkv.weight`` instead of calling the layer: the test that catches an
-adapter silently bypassed there is merged == adapted together with the gradients.
+EVA and BEiT attention compute qkv with their own q/v biases; the adapted layer serves that
+(timm's ``qkv_bias_separate``): merged == adapted together with the gradients catches an adapter
+silently bypassed there.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import timm
 import torch
 from torch import nn
 
-from wegeft_vision import LoRAConfig, WeGeFTConfig, apply_adapter, merge_adapter
+from wegeft_vision import (DoRAConfig, LoRAConfig, VeRAConfig, WeGeFTConfig, apply_adapter,
+                           merge_adapter)
 from wegeft_vision.adapters import AdaptedLinear, get_adapter
 
 from tests.helpers.models import create_vit, vit_kwargs
@@ -32,15 +34,17 @@ FAMILIES = {
     "dinov2_registers": ("vit_small_patch14_reg4_dinov2", {"init_values": 0.5}, BLOCK),
     "clip": ("vit_base_patch16_clip_224", {}, BLOCK),
     "siglip": ("vit_base_patch16_siglip_224", {}, BLOCK),  # attn_pool.mlp stays frozen
-    "eva02": ("eva02_tiny_patch14_224", {}, BLOCK),  # qkv read as .weight; packed SwiGLU fc1
+    "eva02": ("eva02_tiny_patch14_224", {}, BLOCK),  # q/v biases beside qkv; packed SwiGLU fc1
     "eva02_split": ("eva02_tiny_patch14_224", {"scale_mlp": True, "qkv_fused": False},
                     ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.proj", "mlp.fc1_g",
                      "mlp.fc1_x", "mlp.fc2")),
-    "beit": ("beit_base_patch16_224", {}, BLOCK),  # qkv read as .weight
+    "beit": ("beit_base_patch16_224", {}, BLOCK),  # q/v biases beside qkv
     "vit_relpos": ("vit_relpos_base_patch16_224", {"init_values": 0.5}, BLOCK),  # not rel_pos.mlp
     "flexivit": ("flexivit_small", {}, BLOCK),
 }
-CONFIGS = {"wegeft": WeGeFTConfig(rank=2, targets="all"), "lora": LoRAConfig(rank=2, targets="all")}
+# Every method that edits linear layers; VPT and BitFit on these families: tests/test_vpt_bitfit.py.
+CONFIGS = {"wegeft": WeGeFTConfig(rank=2, targets="all"), "lora": LoRAConfig(rank=2, targets="all"),
+           "dora": DoRAConfig(rank=2, targets="all"), "vera": VeRAConfig(rank=2, targets="all")}
 
 
 def create(family: str) -> nn.Module:

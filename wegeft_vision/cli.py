@@ -14,7 +14,8 @@ from typing import Any, Callable, Optional, Union
 
 import lightning as L
 import torch
-from jsonargparse import Namespace, auto_cli, lazy_instance, set_parsing_settings
+from jsonargparse import (ActionConfigFile, ArgumentParser, Namespace, lazy_instance,
+                          set_parsing_settings)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger
@@ -153,14 +154,19 @@ class WeGeFTCLI(LightningCLI):
 
 def export_command(argv: list[str]) -> None:
     """``wegeft-vision export``: its arguments are export_checkpoint's, declared there."""
-    written = auto_cli(export_checkpoint, args=argv, as_positional=False,
-                       prog="wegeft-vision export",
-                       description="Merge a checkpoint's adapter into its backbone and write a "
-                                   "plain timm model (model.safetensors, config.json with the "
-                                   "run's preprocessing, a model card README.md), optionally "
-                                   "model.onnx, optionally pushed to the hub.")
+    parser = ArgumentParser(prog="wegeft-vision export",
+                            description="Merge a checkpoint's adapter into its backbone and write "
+                                        "a plain timm model (model.safetensors, config.json with "
+                                        "the run's preprocessing, a model card README.md), "
+                                        "optionally model.onnx, optionally pushed to the hub.")
+    parser.add_argument("-c", "--config", action=ActionConfigFile)
+    parser.add_function_arguments(export_checkpoint)
+    cfg = parser.parse_args(argv)
+    cfg.pop("config", None)
+    written = export_checkpoint(**cfg.as_dict())
     # Only the export's own files: the folder may hold the user's others.
-    print(f"wrote {', '.join(p.name for p in written)} to {written[0].parent}", flush=True)
+    print(f"wrote {', '.join(p.name for p in written)} to {written[0].parent}"
+          + (f"; pushed to the hub as {cfg.push_to_hub}" if cfg.push_to_hub else ""), flush=True)
 
 
 def _protocol_command(name: str) -> Callable[[list[str]], Any]:
