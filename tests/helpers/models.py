@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 from typing import Any, Iterator
 
 import timm
@@ -40,10 +42,18 @@ def create_vit(name: str = "vit_base_patch16_224", size: str = "tiny", *,
     return model.to(dtype).eval()
 
 
+@functools.lru_cache(maxsize=None)
+def _vit_b16_meta(num_classes: int) -> nn.Module:
+    # Built on the CPU and then moved: timm before 1.0.17 calls .item() while building (its
+    # drop-path schedule), which the meta device cannot answer. One build a session, ~1 s.
+    return timm.create_model("vit_base_patch16_224", pretrained=False,
+                             num_classes=num_classes).to("meta")
+
+
 def vit_b16_on_meta(num_classes: int = 100) -> nn.Module:
-    """ViT-B/16 (86M parameters) with shapes and no storage, for parameter counts."""
-    with torch.device("meta"):
-        return timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=num_classes)
+    """ViT-B/16 (86M parameters) with shapes and no storage, for parameter counts: a fresh copy
+    each call (copying meta tensors costs nothing), so callers may adapt it in place."""
+    return copy.deepcopy(_vit_b16_meta(num_classes))
 
 
 @contextlib.contextmanager
