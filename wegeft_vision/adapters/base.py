@@ -142,11 +142,6 @@ class AdapterLayer(nn.Module):
                             "unmerge_adapter(model) before training")
 
 
-def lora_scale(alpha: Optional[float], rank: int) -> float:
-    """alpha / rank, or 1 without alpha."""
-    return 1.0 if alpha is None else alpha / rank
-
-
 def check_rank(rank: int, alpha: Optional[float] = None) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int):
         raise UserTypeError(f"rank must be an int, got {rank!r}")

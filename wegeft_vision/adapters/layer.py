@@ -7,14 +7,45 @@ and merges them, :func:`inject_linear` finds the target layers and shares edits 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import UserError
-from .base import QKV_PARTS, AdapterLayer, qkv_rows
-from .targets import find_target_layers, is_fused_qkv, kinds, replace_module
+from .base import QKV_PARTS, AdapterConfig, AdapterLayer, check_rank, qkv_rows
+from .targets import (Targets, check_parts, expand_targets, find_target_layers, is_fused_qkv,
+                      kinds, replace_module)
+
+
+@dataclass
+class LowRankConfig(AdapterConfig):
+    """The settings every rank-r linear method has (WeGeFT, LoRA, DoRA), checked once.
+
+    Args:
+        rank: r of the method's factors.
+        alpha: None for a scale of 1; a number scales the edit by alpha/rank.
+        targets: block projection kinds ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
+            presets of them ("attn", "mlp", "all"), other layer-name suffixes or full-match
+            regexes; see :mod:`wegeft_vision.adapters.targets` for each timm family.
+        qkv_parts: None treats timm's fused qkv as one layer; e.g. ("q", "v") edits only those
+            parts' rows of W, each with its own factors.
+    """
+
+    rank: int = 8
+    alpha: Optional[float] = None
+    targets: Targets = ("attn.proj",)
+    qkv_parts: Optional[Sequence[str]] = None
+
+    def __post_init__(self) -> None:
+        check_rank(self.rank, self.alpha)
+        self.targets = expand_targets(self.targets)
+        self.qkv_parts = check_parts(self.qkv_parts)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else self.alpha / self.rank
 
 
 class Edit(nn.Module):

@@ -6,19 +6,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
-
 import torch
 from torch import nn
 
-from .base import QKV_PARTS, AdapterConfig, check_rank, lora_scale, register_method
-from .layer import AdaptedLinear, Edit, check_rank_fits, inject_linear, rows_of
-from .targets import Targets, check_parts, expand_targets
+from .base import QKV_PARTS, register_method
+from .layer import AdaptedLinear, Edit, LowRankConfig, check_rank_fits, inject_linear, rows_of
 
 
 @register_method
 @dataclass
-class LoRAConfig(AdapterConfig):
+class LoRAConfig(LowRankConfig):
     """LoRA: y = Wx + b + (alpha/r)·B(A(x)), one (A, B) pair per layer.
 
     Args:
@@ -29,19 +26,6 @@ class LoRAConfig(AdapterConfig):
     """
 
     method = "lora"
-    rank: int = 8
-    alpha: Optional[float] = None
-    targets: Targets = ("attn.proj",)
-    qkv_parts: Optional[Sequence[str]] = None
-
-    def __post_init__(self) -> None:
-        check_rank(self.rank, self.alpha)
-        self.targets = expand_targets(self.targets)
-        self.qkv_parts = check_parts(self.qkv_parts)
-
-    @property
-    def scale(self) -> float:
-        return lora_scale(self.alpha, self.rank)
 
     def inject(self, model: nn.Module) -> dict[str, nn.Module]:
         def make_edit(name: str, layer: nn.Linear, rows: slice) -> Edit:

@@ -9,21 +9,20 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
 
-from ..errors import UserError, UserTypeError
-from .base import QKV_PARTS, AdapterConfig, check_rank, lora_scale, register_method
+from ..errors import UserTypeError
+from .base import QKV_PARTS, register_method
 from .kernels import EditSpec, wegeft_linear, wegeft_linear_plain
-from .layer import AdaptedLinear, Edit, check_rank_fits, inject_linear
-from .targets import Targets, check_parts, expand_targets
+from .layer import AdaptedLinear, Edit, LowRankConfig, check_rank_fits, inject_linear
 
 
 @register_method
 @dataclass
-class WeGeFTConfig(AdapterConfig):
+class WeGeFTConfig(LowRankConfig):
     """WeGeFT: dW = W·phi·psi, applied as y = W(x + phi(psi(x))) + b.
 
     Initialised as the authors' vision code: psi = 0 and phi ~ U(+-1/sqrt(d_in)), so training
@@ -31,13 +30,13 @@ class WeGeFTConfig(AdapterConfig):
 
     Args:
         rank: generator rank r (psi: d_in -> r, phi: r -> d_in).
+        alpha: None for no scaling (the paper's vision setting); a number scales by alpha/rank.
         targets: block projection kinds ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
             presets of them ("attn", "mlp", "all"), other layer-name suffixes or full-match
             regexes; see :mod:`wegeft_vision.adapters.targets` for each timm family.
-        shared: one generator per target kind for all blocks (the paper), else one per layer.
-        alpha: None for no scaling (the paper's vision setting); a number scales by alpha/rank.
         qkv_parts: None treats timm's fused qkv as one layer; e.g. ("q", "v") gives each named
             part its own generator, fed with its own rows of W, and leaves the others unchanged.
+        shared: one generator per target kind for all blocks (the paper), else one per layer.
         recompute: rebuild each adapted layer's input in backward from what LayerNorm, GELU or
             attention saved anyway instead of storing a copy (activation memory near the frozen
             floor); a runtime choice: config equality, and so loading an adapter, ignores it.
@@ -45,22 +44,13 @@ class WeGeFTConfig(AdapterConfig):
 
     method = "wegeft"
     rank: int = 16
-    targets: Targets = ("attn.proj",)
     shared: bool = True
-    alpha: Optional[float] = None
-    qkv_parts: Optional[Sequence[str]] = None
     recompute: bool = dataclasses.field(default=True, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.recompute, bool):
             raise UserTypeError(f"recompute must be True or False, got {self.recompute!r}")
-        check_rank(self.rank, self.alpha)
-        self.targets = expand_targets(self.targets)
-        self.qkv_parts = check_parts(self.qkv_parts)
-
-    @property
-    def scale(self) -> float:
-        return lora_scale(self.alpha, self.rank)
+        super().__post_init__()
 
     def inject(self, model: nn.Module) -> dict[str, nn.Module]:
         def make_edit(name: str, layer: nn.Linear, rows: slice) -> Edit:
