@@ -90,7 +90,7 @@ def demo_cells(numbers: dict, path: Path) -> tuple[list[str], list[int], dict]:
 
 def plot_demo_comparison(numbers: dict, path: Path, out: Path) -> None:
     methods, shots, cells = demo_cells(numbers, path)
-    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    fig, ax = plt.subplots(figsize=(8.5, 3.6))
     width = 0.8 / len(methods)
     for i, method in enumerate(methods):
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(shots))]
@@ -112,7 +112,8 @@ def plot_demo_comparison(numbers: dict, path: Path, out: Path) -> None:
     ax.set_ylim(0, 100)
     spread = "dots: seeds" if "source" not in numbers else "bars: ± std"
     ax.set_title(f"Offline demo: digits 5-9, mean over seeds {numbers['seeds']} ({spread})")
-    ax.legend(fontsize=7, ncol=3, loc="upper left")
+    # Beside the axes: with ten methods a legend inside covers the bars.
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
@@ -120,7 +121,7 @@ def plot_demo_comparison(numbers: dict, path: Path, out: Path) -> None:
 
 def plot_demo_shots(numbers: dict, path: Path, out: Path) -> None:
     methods, shots, cells = demo_cells(numbers, path)
-    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
     for method in methods:
         measured = [k for k in shots if cells[method, k]["mean"] is not None]
         means = [cells[method, k]["mean"] for k in measured]
@@ -131,7 +132,7 @@ def plot_demo_shots(numbers: dict, path: Path, out: Path) -> None:
     ax.set_xlabel("training images per class (few-shot list)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Offline demo: accuracy against shots (mean ± std over seeds)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
