@@ -44,8 +44,8 @@ def create_vit(name: str = "vit_base_patch16_224", size: str = "tiny", *,
 
 @functools.lru_cache(maxsize=None)
 def _vit_b16_meta(num_classes: int) -> nn.Module:
-    # Built on the CPU and then moved: timm before 1.0.17 calls .item() while building (its
-    # drop-path schedule), which the meta device cannot answer. One build a session, ~1 s.
+    # Built on the CPU and then moved: timm 1.0.16 (our lower bound) calls .item() while building
+    # (its drop-path schedule), which the meta device cannot answer. One build a session, ~2.5 s.
     return timm.create_model("vit_base_patch16_224", pretrained=False,
                              num_classes=num_classes).to("meta")
 
