@@ -2,6 +2,7 @@
 of the uninterrupted fit: same order, same augmentation, same dropout."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -120,3 +121,25 @@ def test_a_resumed_fit_continues_with_the_checkpoints_seed(monkeypatch: pytest.M
                                          "resumed fit continues with the checkpoint's seed 3"):
         callback.load_state_dict({"seed": 3})
     assert run_seed() == 3 and callback.state_dict() == {"seed": 3}
+
+
+
+def test_testing_after_a_fit_keeps_the_fits_epoch_seeds_without_a_notice(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # `fit --test_after_fit`, the demo's default, runs trainer.test on the fit's trainer, and
+    # Lightning asks the model for its callbacks again; a second EpochSeeds made Lightning print
+    # "... will override existing callbacks passed to Trainer: EpochSeeds" in every demo run.
+    data = make_image_folder(tmp_path / "data", {"train": {"a": 2, "b": 2}, "val": {"a": 1},
+                                                 "test": {"a": 1, "b": 1}})
+    lightning_log = logging.getLogger("lightning.pytorch")  # it does not propagate to the root
+    lightning_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+            model, trainer = fit(data, tmp_path / "run", num_workers=0)
+            trainer.test(model, datamodule=ImageFolderDataModule(data, image_size=32,
+                                                                 batch_size=4))
+    finally:
+        lightning_log.removeHandler(caplog.handler)
+    assert "GPU available" in caplog.text  # Lightning's log was captured at all
+    assert "will override existing callbacks" not in caplog.text
+    assert sum(isinstance(c, EpochSeeds) for c in trainer.callbacks) == 1

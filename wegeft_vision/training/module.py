@@ -13,6 +13,7 @@ from typing import Any, Optional, Union
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -203,7 +204,9 @@ class ViTClassifier(L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         # Every fit, CLI or not: a resumed fit draws the rest of its dropout as uninterrupted.
-        return [EpochSeeds()]
+        # Only a fit: it seeds training epochs, and a test on the fit's trainer (test_after_fit)
+        # would replace the fit's copy, with a notice from Lightning each time.
+        return [EpochSeeds()] if self.trainer.state.fn == TrainerFn.FITTING else []
 
     # Optimisation.
     def configure_optimizers(self) -> dict[str, Any]:
